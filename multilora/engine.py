@@ -1,0 +1,31 @@
+"""Building the on-the-fly engine for a stack and installing it on a clone of the user's model.
+
+Host module: reads the stack's files (cached), converts them through ComfyUI's loaders, fuses the
+per-layer deltas, and returns a model clone carrying the engine's keyed wrappers.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from .lora_bank import LoraSource, build_layers
+from .lora_files import read_lora_file, resolve_lora_path
+from .onthefly import OnTheFlyLoras
+from .routing import Routing
+from .stack import LoraRow
+
+
+def build_engine(patcher, rows: Sequence[LoraRow], node: str, default_routing: Routing | None = None) -> OnTheFlyLoras:
+    """The fused on-the-fly deltas of ``rows`` (their UNet strengths applied) for ``patcher``'s model."""
+    sources = [
+        LoraSource(row.name, read_lora_file(resolve_lora_path(row.name, node), node), row.strength_model)
+        for row in rows
+    ]
+    layers = build_layers(patcher.model, sources, node)
+    return OnTheFlyLoras(layers, [row.name for row in rows], default_routing)
+
+
+def clone_with_engine(patcher, engine: OnTheFlyLoras):
+    """A clone of ``patcher`` whose sampling runs apply ``engine``; the input patcher is untouched."""
+    clone = patcher.clone()
+    engine.install(clone)
+    return clone

@@ -1,0 +1,144 @@
+"""Turning LoRA files into per-layer routed deltas for one model, through ComfyUI's own loaders.
+
+Each file goes through ``comfy.lora_convert.convert_lora`` and ``comfy.lora.load_lora`` with the model's
+key map, exactly as core's LoraLoader does, so every format core reads (kohya, diffusers/peft, LoCon,
+LoHa, LoKr, DoRA, full diffs, Flux fused-qkv slices) is understood the same way. Plain LoRA/LoCon
+adapters stay low-rank factors; everything else becomes a dense ΔW computed once with the adapter's own
+``calculate_weight``. Host module.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+import comfy.lora
+import comfy.lora_convert
+import comfy.utils
+import comfy.weight_adapter
+
+from .errors import LoraFileError
+from .lowrank import (CONV, GROUP_NORM, LAYER_NORM, LINEAR, DensePart, LayerDeltas, LayerSpec,
+                      LowRankPart, fuse_layer)
+
+log = logging.getLogger("multilora")
+
+
+@dataclass(frozen=True)
+class LoraSource:
+    """One LoRA to put in the bank: its tensors, UNet strength and a name for messages."""
+
+    name: str
+    tensors: dict
+    strength: float
+
+
+def layer_spec(module: torch.nn.Module) -> LayerSpec | None:
+    """The hook-relevant description of a layer, or None for layer types the engine cannot route."""
+    weight = getattr(module, "weight", None)
+    shape = tuple(weight.shape) if weight is not None else ()
+    if isinstance(module, torch.nn.Linear):
+        return LayerSpec(LINEAR, module.out_features, shape)
+    if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
+        if module.padding_mode != "zeros":
+            return None
+        return LayerSpec(CONV, module.out_channels, shape, module.stride, module.padding, module.dilation,
+                         module.groups)
+    if isinstance(module, torch.nn.LayerNorm):
+        return LayerSpec(LAYER_NORM, shape[0] if shape else 0, shape, norm_shape=tuple(module.normalized_shape),
+                         eps=module.eps)
+    if isinstance(module, torch.nn.GroupNorm):
+        return LayerSpec(GROUP_NORM, module.num_channels, shape, num_groups=module.num_groups, eps=module.eps)
+    return None
+
+
+def tucker_down(down: torch.Tensor, mid: torch.Tensor) -> torch.Tensor:
+    """LoCon with a Tucker core: fold mid (r×r×kh×kw) into down (r×in×1×1) → a conv kernel r×in×kh×kw."""
+    d = down.float().flatten(1)                      # [r_d, in]
+    m = mid.float()                                  # [r, r_d, kh, kw]
+    kernel = torch.einsum("rdhw,di->rihw", m, d)     # Σ_d mid[r,d] · down[d,i]
+    return kernel
+
+
+def unet_patches(model, tensors: dict, name: str, node: str) -> dict:
+    """ComfyUI's patch dict {model_key: adapter} for the UNet part of a LoRA file."""
+    key_map = comfy.lora.model_lora_keys_unet(model, {})
+    converted = comfy.lora_convert.convert_lora(tensors)
+    patches = comfy.lora.load_lora(converted, key_map, log_missing=False)
+    if not patches:
+        te = sum(1 for k in tensors if k.startswith(("lora_te", "text_encoder", "te_")))
+        family = type(model).__name__
+        hint = " It only has text-encoder weights." if te and te == len(tensors) else (
+            " It was probably trained for another model family.")
+        raise LoraFileError(
+            f"{node}: LoRA '{name}' matched 0 of its {len(tensors)} tensors in this {family} model.{hint} "
+            "Use a LoRA made for this checkpoint's family."
+        )
+    return patches
+
+
+def _dense_delta(adapter, weight: torch.Tensor, key, strength: float, offset) -> torch.Tensor:
+    """ΔW = adapter applied to a float32 copy of W, minus W (full shape, zero outside an offset slice)."""
+    base = weight.detach().to(torch.float32).clone()
+    target = base.narrow(offset[0], offset[1], offset[2]) if offset is not None else base
+    original = target.clone()
+    if isinstance(adapter, comfy.weight_adapter.WeightAdapterBase):
+        patched = adapter.calculate_weight(target.clone(), key, strength, 1.0, offset, lambda a: a, torch.float32)
+    else:
+        kind, values = (adapter[0], adapter[1]) if len(adapter) == 2 and isinstance(adapter[0], str) else ("diff", adapter)
+        if kind != "diff":
+            raise LoraFileError(f"patch type '{kind}' on {key} cannot be applied on the fly")
+        patched = target + strength * values[0].to(torch.float32).reshape(target.shape)
+    full = torch.zeros_like(base)
+    slot = full.narrow(offset[0], offset[1], offset[2]) if offset is not None else full
+    slot.copy_(patched - original)
+    return full
+
+
+def build_layers(base_model, sources: list[LoraSource], node: str) -> dict[str, LayerDeltas]:
+    """Routed deltas for every layer any of ``sources`` patches: {module path: LayerDeltas}."""
+    lowrank: dict[str, list[LowRankPart]] = {}
+    dense: dict[str, list[DensePart]] = {}
+    specs: dict[str, LayerSpec] = {}
+    skipped: list[str] = []
+    for index, source in enumerate(sources):
+        patches = unet_patches(base_model, source.tensors, source.name, node)
+        for target, adapter in patches.items():
+            key, offset = (target[0], target[1]) if isinstance(target, tuple) else (target, None)
+            module_path, param = key.rsplit(".", 1)
+            module = comfy.utils.get_attr(base_model, module_path)
+            spec = layer_spec(module)
+            if spec is None or param not in ("weight", "bias"):
+                skipped.append(key)
+                continue
+            specs[module_path] = spec
+            weights = getattr(adapter, "weights", None)
+            is_plain_lora = (isinstance(adapter, comfy.weight_adapter.LoRAAdapter) and weights[4] is None
+                             and weights[5] is None and param == "weight"
+                             and (offset is None or offset[0] == 0))
+            if is_plain_lora:
+                up, down, alpha, mid = weights[0], weights[1], weights[2], weights[3]
+                if mid is not None:
+                    down = tucker_down(down, mid)
+                rank = weights[1].shape[0]
+                scale = source.strength * (alpha / rank if alpha is not None else 1.0)
+                lowrank.setdefault(module_path, []).append(
+                    LowRankPart(index, down.float(), up.float(), float(scale), offset[1] if offset else 0))
+                continue
+            param_tensor = getattr(module, param)
+            delta = _dense_delta(adapter, param_tensor, key, source.strength, offset)
+            parts = dense.setdefault(module_path, [])
+            existing = next((p for p in parts if p.lora == index), None)
+            if existing is None:
+                existing = DensePart(index, None, None)
+                parts.append(existing)
+            if param == "weight":
+                existing.weight = delta if existing.weight is None else existing.weight + delta
+            else:
+                existing.bias = delta if existing.bias is None else existing.bias + delta
+    if skipped:
+        log.warning("%s: %d patched parameters are on layers the on-the-fly engine cannot route and were "
+                    "left out (first: %s)", node, len(skipped), skipped[0])
+    paths = set(lowrank) | set(dense)
+    return {p: fuse_layer(specs[p], lowrank.get(p, []), dense.get(p, [])) for p in sorted(paths)}

@@ -1,0 +1,76 @@
+"""Reading LoRA files once: a bounded cache keyed by (path, mtime, size).
+
+Host module. Only safetensors files are accepted: pickled .ckpt/.pt/.bin files can run code when
+loaded, and every LoRA in circulation exists as safetensors.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import OrderedDict
+
+import torch
+
+import comfy.utils
+import folder_paths
+
+from .errors import LoraFileError
+
+log = logging.getLogger("multilora")
+
+CACHE_ENTRIES = 32
+_cache: "OrderedDict[tuple[str, int, int], dict[str, torch.Tensor]]" = OrderedDict()
+_lock = threading.Lock()
+read_count = 0  # files actually read from disk (tests assert the cache works)
+
+
+def resolve_lora_path(name: str, node: str = "LoRA Stack") -> str:
+    """Full path of a file in ComfyUI's loras folder, or a LoraFileError naming it."""
+    path = folder_paths.get_full_path("loras", name)
+    if path is None or not os.path.isfile(path):
+        raise LoraFileError(
+            f"{node}: LoRA file '{name}' was not found in the loras folder. "
+            "Check the name or refresh the node list (press R)."
+        )
+    return path
+
+
+def read_lora_file(path: str, node: str = "LoRA Stack") -> dict[str, torch.Tensor]:
+    """The file's tensors; read from disk only when (path, mtime, size) is not cached. Do not mutate."""
+    global read_count
+    if not path.lower().endswith((".safetensors", ".sft")):
+        raise LoraFileError(
+            f"{node}: '{os.path.basename(path)}' is not a .safetensors file. Pickled LoRA files are "
+            "refused because loading them can run code; use the .safetensors version of this LoRA."
+        )
+    try:
+        stat = os.stat(path)
+    except OSError as exc:
+        raise LoraFileError(f"{node}: cannot open LoRA file '{path}': {exc}") from exc
+    key = (os.path.realpath(path), stat.st_mtime_ns, stat.st_size)
+    with _lock:
+        cached = _cache.get(key)
+        if cached is not None:
+            _cache.move_to_end(key)
+            return cached
+    try:
+        tensors = comfy.utils.load_torch_file(path, safe_load=True)
+    except Exception as exc:  # safetensors raises several unrelated types for damaged files
+        raise LoraFileError(
+            f"{node}: LoRA file '{os.path.basename(path)}' could not be read ({exc}). "
+            "The file is damaged or incomplete; download it again."
+        ) from exc
+    with _lock:
+        read_count += 1
+        _cache[key] = tensors
+        while len(_cache) > CACHE_ENTRIES:
+            _cache.popitem(last=False)
+    log.debug("read LoRA file %s (%d tensors)", path, len(tensors))
+    return tensors
+
+
+def clear_cache() -> None:
+    """Forget every cached file."""
+    with _lock:
+        _cache.clear()

@@ -1,0 +1,188 @@
+"""Routed low-rank deltas for one layer: all LoRAs of a stack in one fused matmul pair.
+
+For a layer y = W x + b targeted by LoRAs i = 1..k with factors A_i (r_i × in), B_i (out × r_i), scale
+c_i = s_i·α_i/r_i (Hu et al. 2021, "LoRA"), and a batch whose row n has routing weights w_{n,i}:
+
+    y_n = W x_n + b + B_cat · (m_n ⊙ (A_cat x_n)),   A_cat = [A_1; …; A_k],  B_cat = [c_1 B_1, …, c_k B_k],
+    m_n[col] = w_{n, lora(col)}
+
+which equals y_n with W + Σ_i w_{n,i} c_i B_i A_i merged, for every row at once (three kernels per layer,
+whatever k is). Convolutions use A as a conv kernel with the layer's stride/padding/dilation and B as a
+1×1 conv (LoCon). Fused weights (Flux qkv) place B_i's rows at the slice of the output it patches.
+Adapters that are not low-rank (LoHa, LoKr, DoRA, full diffs) are dense ΔW_i applied as
+y_n += w_{n,i}·(ΔW_i x_n + Δb_i); norms use the linearity of LayerNorm/GroupNorm in (weight, bias).
+Pure module: torch only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+LINEAR, CONV, LAYER_NORM, GROUP_NORM = "linear", "conv", "layer_norm", "group_norm"
+
+
+@dataclass
+class LowRankPart:
+    """One LoRA's factors on one layer: ΔW[out_start:out_start+B.rows] = scale · B @ A."""
+
+    lora: int
+    down: torch.Tensor
+    up: torch.Tensor
+    scale: float
+    out_start: int = 0
+
+
+@dataclass
+class DensePart:
+    """One adapter's dense deltas (strength applied) on one layer."""
+
+    lora: int
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+
+
+@dataclass
+class LayerSpec:
+    """What the hook needs to know about the target layer."""
+
+    kind: str
+    out_features: int
+    weight_shape: tuple[int, ...]
+    stride: tuple[int, ...] = ()
+    padding: object = 0
+    dilation: tuple[int, ...] = ()
+    groups: int = 1
+    norm_shape: tuple[int, ...] = ()
+    num_groups: int = 1
+    eps: float = 1e-5
+
+
+@dataclass
+class LayerDeltas:
+    """All deltas on one layer, fused: A_cat, B_cat (scales folded in), the LoRA of every rank column."""
+
+    spec: LayerSpec
+    down_cat: torch.Tensor | None
+    up_cat: torch.Tensor | None
+    column_lora: torch.Tensor | None
+    dense: list[DensePart]
+    loras: frozenset[int]
+    _cast: dict = field(default_factory=dict, repr=False)
+
+    def cast(self, device: torch.device, dtype: torch.dtype) -> tuple:
+        """Factors on the compute device/dtype, converted once per (device, dtype)."""
+        key = (device, dtype)
+        cached = self._cast.get(key)
+        if cached is None:
+            def to(t):
+                return None if t is None else t.to(device=device, dtype=dtype)
+            cached = (
+                to(self.down_cat),
+                to(self.up_cat),
+                None if self.column_lora is None else self.column_lora.to(device),
+                [DensePart(p.lora, to(p.weight), to(p.bias)) for p in self.dense],
+            )
+            self._cast[key] = cached
+        return cached
+
+
+def dense_from_lowrank(part: LowRankPart, spec: LayerSpec) -> DensePart:
+    """ΔW = scale·B@A placed at its output slice, for parts that cannot join the fused group."""
+    delta = torch.zeros(spec.weight_shape, dtype=torch.float32)
+    product = part.scale * (part.up.float().flatten(1) @ part.down.float().flatten(1))
+    rows = product.shape[0]
+    delta[part.out_start:part.out_start + rows] = product.reshape((rows,) + tuple(spec.weight_shape[1:]))
+    return DensePart(part.lora, delta, None)
+
+
+def fuse_layer(spec: LayerSpec, lowrank: list[LowRankPart], dense: list[DensePart]) -> LayerDeltas:
+    """Concatenate the low-rank parts of a layer into one A_cat/B_cat pair (see module docstring)."""
+    dense = list(dense)
+    fusable: list[LowRankPart] = []
+    if spec.kind in (LINEAR, CONV) and spec.groups == 1:
+        in_shape = tuple(spec.weight_shape[1:])
+        for part in lowrank:
+            if part.down.flatten(1).shape[1] == int(torch.Size(in_shape).numel()):
+                fusable.append(part)
+            else:
+                dense.append(dense_from_lowrank(part, spec))
+    else:
+        dense.extend(dense_from_lowrank(p, spec) for p in lowrank)
+
+    down_cat = up_cat = column_lora = None
+    if fusable:
+        in_shape = tuple(spec.weight_shape[1:])
+        downs = [p.down.float().reshape((p.down.shape[0],) + in_shape) for p in fusable]
+        down_cat = torch.cat(downs, dim=0)
+        total_rank = down_cat.shape[0]
+        up_cat = torch.zeros(spec.out_features, total_rank, dtype=torch.float32)
+        columns = []
+        col = 0
+        for part in fusable:
+            up = part.up.float().flatten(1)
+            rank = up.shape[1]
+            up_cat[part.out_start:part.out_start + up.shape[0], col:col + rank] = part.scale * up
+            columns += [part.lora] * rank
+            col += rank
+        column_lora = torch.tensor(columns, dtype=torch.long)
+        if spec.kind == LINEAR:
+            down_cat = down_cat.reshape(total_rank, -1)
+    loras = frozenset([p.lora for p in fusable] + [p.lora for p in dense])
+    return LayerDeltas(spec, down_cat, up_cat, column_lora, dense, loras)
+
+
+def _conv(spec: LayerSpec, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+          plain: bool = False) -> torch.Tensor:
+    dims = weight.ndim - 2
+    fn = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
+    if plain:
+        return fn(x, weight, bias)
+    return fn(x, weight, bias, spec.stride, spec.padding, spec.dilation, spec.groups)
+
+
+def _row_view(weights: torch.Tensor, ndim: int, channel_last: bool) -> torch.Tensor:
+    """Per-row weights [B] shaped to broadcast against an output of ``ndim`` dims."""
+    return weights.view((-1,) + (1,) * (ndim - 1))
+
+
+def apply_layer_deltas(deltas: LayerDeltas, x: torch.Tensor, out: torch.Tensor,
+                       row_weights: torch.Tensor) -> torch.Tensor:
+    """y + routed deltas; ``row_weights`` is [B, k] (B = x.shape[0]) on x's device and dtype."""
+    spec = deltas.spec
+    down, up, column_lora, dense = deltas.cast(out.device, out.dtype)
+    x = x.to(out.dtype)
+    if down is not None:
+        mask = row_weights.index_select(1, column_lora)
+        if spec.kind == LINEAR:
+            h = F.linear(x, down)
+            h = h * mask.view((mask.shape[0],) + (1,) * (h.ndim - 2) + (mask.shape[1],))
+            out = out + F.linear(h, up)
+        else:
+            h = _conv(spec, x, down)
+            h = h * mask.view(mask.shape + (1,) * (h.ndim - 2))
+            up_kernel = up.view(up.shape + (1,) * (h.ndim - 2))
+            out = out + _conv(spec, h, up_kernel, plain=True)
+    for part in dense:
+        w = row_weights[:, part.lora]
+        if spec.kind == LINEAR:
+            delta = F.linear(x, part.weight) if part.weight is not None else None
+            if part.bias is not None:
+                delta = part.bias if delta is None else delta + part.bias
+        elif spec.kind == CONV:
+            delta = _conv(spec, x, part.weight, part.bias) if part.weight is not None else None
+            if delta is None and part.bias is not None:
+                delta = part.bias.view((1, -1) + (1,) * (out.ndim - 2))
+        elif spec.kind == LAYER_NORM:
+            if part.weight is not None:
+                delta = F.layer_norm(x, spec.norm_shape, part.weight, part.bias, spec.eps)
+            else:
+                delta = part.bias
+        else:
+            if part.weight is not None:
+                delta = F.group_norm(x, spec.num_groups, part.weight, part.bias, spec.eps)
+            else:
+                delta = part.bias.view((1, -1) + (1,) * (out.ndim - 2))
+        out = out + _row_view(w, out.ndim, False) * delta
+    return out

@@ -1,0 +1,106 @@
+"""Routing of batch chunks to LoRA sets.
+
+ComfyUI concatenates the conds of one model call into one batch: chunk c holds the latents of cond
+number ``cond_or_uncond[c]`` of the list the guider handed to ``calc_cond_batch``. A routing maps each
+chunk to a weight per LoRA (0 = off), so one UNet call can evaluate several branches, each with its own
+LoRA set: branch rows get Σ_i w_i·s_i·(α_i/r_i)·B_i(A_i x) added at every LoRA-targeted layer.
+
+Also the step rule shared by the step-dependent methods (SPEC §0): the step index of an evaluation at
+noise level σ is floor-mapped into the run's sigma list, i(σ) = max{j : σ_j ≥ σ}, clipped to the last step.
+Pure module: no ComfyUI imports.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Protocol, Sequence
+
+Weights = tuple[float, ...]
+
+
+def step_index(sigma: float, sample_sigmas: Sequence[float], rel_tol: float = 1e-5) -> int:
+    """Floor-map σ into the decreasing schedule: max{j : σ_j ≥ σ}, clipped to [0, steps-1]."""
+    steps = max(len(sample_sigmas) - 1, 1)
+    index = 0
+    for j, s in enumerate(sample_sigmas[:steps]):
+        if float(s) >= sigma * (1.0 - rel_tol) - 1e-12:
+            index = j
+        else:
+            break
+    return min(index, steps - 1)
+
+
+def switch_active_index(step: int, every: int, count: int) -> int:
+    """LoRA Switch (Zhong et al. 2024): active LoRA at step i is ⌊i/τ⌋ mod k."""
+    if every < 1:
+        raise ValueError("switch_every must be >= 1")
+    return (step // every) % count
+
+
+def one_hot(index: int, count: int, value: float = 1.0) -> Weights:
+    """Weights selecting only LoRA ``index`` of ``count``."""
+    return tuple(value if i == index else 0.0 for i in range(count))
+
+
+class Routing(Protocol):
+    """Per-call routing: one weight vector (length k) per chunk of the batch."""
+
+    def chunk_weights(self, cond_or_uncond: Sequence[int], transformer_options: Mapping) -> list[Weights]:
+        ...
+
+
+@dataclass(frozen=True)
+class SameForAll:
+    """Every chunk of every call gets the same LoRA weights (plain on-the-fly application)."""
+
+    weights: Weights
+
+    def chunk_weights(self, cond_or_uncond: Sequence[int], transformer_options: Mapping) -> list[Weights]:
+        return [self.weights] * len(cond_or_uncond)
+
+
+@dataclass(frozen=True)
+class ByCondIndex:
+    """Chunk of cond index j gets ``table[j]``; unlisted indices get ``default`` (a guider's branches)."""
+
+    table: Mapping[int, Weights]
+    default: Weights
+
+    def chunk_weights(self, cond_or_uncond: Sequence[int], transformer_options: Mapping) -> list[Weights]:
+        return [self.table.get(int(j), self.default) for j in cond_or_uncond]
+
+
+def sigma_of_call(transformer_options: Mapping) -> float | None:
+    """The σ of the current model call, from ComfyUI's transformer_options (None outside sampling)."""
+    sigmas = transformer_options.get("sigmas")
+    if sigmas is None:
+        return None
+    try:
+        return float(sigmas.flatten()[0])
+    except AttributeError:
+        return float(sigmas)
+
+
+def sample_sigmas_of_call(transformer_options: Mapping) -> list[float] | None:
+    """The run's sigma schedule from transformer_options, as floats (None outside sampling)."""
+    sample_sigmas = transformer_options.get("sample_sigmas")
+    if sample_sigmas is None:
+        return None
+    return [float(s) for s in sample_sigmas.flatten().tolist()]
+
+
+@dataclass(frozen=True)
+class SwitchRouting:
+    """LoRA Switch: every chunk gets only LoRA ⌊i/τ⌋ mod k, i = step index of the call (SPEC §1)."""
+
+    count: int
+    every: int
+
+    def active_for(self, transformer_options: Mapping) -> int:
+        sigma = sigma_of_call(transformer_options)
+        schedule = sample_sigmas_of_call(transformer_options)
+        step = 0 if sigma is None or schedule is None else step_index(sigma, schedule)
+        return switch_active_index(step, self.every, self.count)
+
+    def chunk_weights(self, cond_or_uncond: Sequence[int], transformer_options: Mapping) -> list[Weights]:
+        weights = one_hot(self.active_for(transformer_options), self.count)
+        return [weights] * len(cond_or_uncond)

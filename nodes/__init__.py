@@ -1,0 +1,16 @@
+"""UI layer: thin V3 node classes that validate inputs and delegate to the ``multilora`` engine."""
+from __future__ import annotations
+
+from typing_extensions import override
+
+from comfy_api.latest import ComfyExtension, io
+
+from .stack import ApplyLoraStack, LoraStackNode
+
+
+class MultiLoRAExtension(ComfyExtension):
+    """The pack's node list."""
+
+    @override
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [LoraStackNode, ApplyLoraStack]

@@ -1,0 +1,111 @@
+"""LoRA Stack and Apply LoRA Stack nodes."""
+from __future__ import annotations
+
+import folder_paths
+from comfy_api.latest import io
+
+from ..multilora.errors import StackError
+from ..multilora.merge import merge_rows
+from ..multilora.stack import CATEGORIES, MAX_ROWS, NO_LORA, LoraStack, build_row
+from .types import LoraStackType
+
+ROW_FIELDS = ("lora", "on", "strength_model", "strength_clip", "category", "concept", "trigger")
+
+
+def row_inputs(n: int, lora_names: list[str]) -> list[io.Input]:
+    """The widgets of row ``n`` (1-based); names end in _n so saved workflows keep their order."""
+    return [
+        io.Combo.Input(f"lora_{n}", options=[NO_LORA] + lora_names, default=NO_LORA,
+                       tooltip=f"Row {n}: LoRA file from the loras folder."),
+        io.Boolean.Input(f"on_{n}", default=True, tooltip=f"Row {n}: include this LoRA (off rows are kept but ignored)."),
+        io.Float.Input(f"strength_model_{n}", default=1.0, min=-100.0, max=100.0, step=0.01,
+                       tooltip=f"Row {n}: strength on the diffusion model (UNet/DiT)."),
+        io.Float.Input(f"strength_clip_{n}", default=1.0, min=-100.0, max=100.0, step=0.01,
+                       tooltip=f"Row {n}: strength on the text encoder (used by Apply LoRA Stack and CLoRA)."),
+        io.Combo.Input(f"category_{n}", options=list(CATEGORIES), default="other",
+                       tooltip=f"Row {n}: what the LoRA adds. CMLoRA orders LoRAs by it; CLoRA treats 'style' as global."),
+        io.String.Input(f"concept_{n}", default="", tooltip=f"Row {n}: CLoRA concept word(s) of this LoRA as they "
+                        "appear in the prompt, comma-separated (e.g. 'cat')."),
+        io.String.Input(f"trigger_{n}", default="", tooltip=f"Row {n}: trigger word(s) of the LoRA, comma-separated "
+                        "(CLoRA inserts them before the concept word)."),
+    ]
+
+
+class LoraStackNode(io.ComfyNode):
+    """A typed list of LoRAs; chain stacks through the optional input."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        lora_names = folder_paths.get_filename_list("loras")
+        inputs: list[io.Input] = [
+            LoraStackType.Input("lora_stack", optional=True,
+                                tooltip="Optional stack to extend; its rows come first. It is not modified."),
+            io.Int.Input("rows", default=1, min=1, max=MAX_ROWS,
+                         tooltip=f"How many rows below are used (1–{MAX_ROWS}). The + / − buttons set it."),
+        ]
+        for n in range(1, MAX_ROWS + 1):
+            inputs += row_inputs(n, lora_names)
+        return io.Schema(
+            node_id="MultiLoRAStack",
+            display_name="LoRA Stack",
+            category="multilora",
+            description="A list of LoRAs with per-row strengths, on/off, category and CLoRA concept/trigger "
+                        "words. Feeds every multi-LoRA sampler of this pack and Apply LoRA Stack.",
+            inputs=inputs,
+            outputs=[LoraStackType.Output(display_name="lora_stack", tooltip="The combined stack.")],
+        )
+
+    @classmethod
+    def execute(cls, rows: int, lora_stack: LoraStack | None = None, **widgets) -> io.NodeOutput:
+        available = set(folder_paths.get_filename_list("loras"))
+        built = []
+        for n in range(1, int(rows) + 1):
+            name = widgets.get(f"lora_{n}", NO_LORA)
+            enabled = bool(widgets.get(f"on_{n}", True))
+            if not enabled and (not name or name == NO_LORA):
+                continue
+            built.append(build_row(
+                n, name,
+                widgets.get(f"strength_model_{n}", 1.0), widgets.get(f"strength_clip_{n}", 1.0), enabled,
+                widgets.get(f"concept_{n}", ""), widgets.get(f"trigger_{n}", ""),
+                widgets.get(f"category_{n}", "other"), available,
+            ))
+        stack = LoraStack(tuple(built))
+        if lora_stack is not None:
+            if not isinstance(lora_stack, LoraStack):
+                raise StackError("LoRA Stack: 'lora_stack' must come from another LoRA Stack node.")
+            stack = lora_stack.chained(stack)
+        return io.NodeOutput(stack)
+
+
+class ApplyLoraStack(io.ComfyNode):
+    """Merge the stack into MODEL and/or CLIP, as chained core LoraLoaders would (the Merge baseline)."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MultiLoRAApplyStack",
+            display_name="Apply LoRA Stack",
+            category="multilora",
+            description="Merges every enabled LoRA of the stack into the model and/or CLIP with its strengths, "
+                        "exactly like a chain of core Load LoRA nodes. With the stock KSampler this is the "
+                        "'Merge' baseline; with only CLIP connected it applies the stack's text-encoder parts "
+                        "for the multi-LoRA samplers.",
+            inputs=[
+                LoraStackType.Input("lora_stack", tooltip="The LoRAs to merge, in order."),
+                io.Model.Input("model", optional=True, tooltip="Model to merge the LoRAs into (a patched copy is returned)."),
+                io.Clip.Input("clip", optional=True, tooltip="CLIP to merge the LoRAs' text-encoder parts into."),
+            ],
+            outputs=[
+                io.Model.Output(tooltip="The model with the LoRAs merged (None if no model was connected)."),
+                io.Clip.Output(tooltip="The CLIP with the LoRAs merged (None if no CLIP was connected)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, lora_stack: LoraStack, model=None, clip=None) -> io.NodeOutput:
+        if model is None and clip is None:
+            raise StackError("Apply LoRA Stack: connect 'model', 'clip' or both.")
+        rows = lora_stack.active() if isinstance(lora_stack, LoraStack) else ()
+        model, clip = merge_rows(model, clip, rows, "Apply LoRA Stack")
+        return io.NodeOutput(model, clip)
