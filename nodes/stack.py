@@ -13,20 +13,20 @@ ROW_FIELDS = ("lora", "on", "strength_model", "strength_clip", "category", "conc
 
 
 def row_inputs(n: int, lora_names: list[str]) -> list[io.Input]:
-    """The widgets of row ``n`` (1-based); names end in _n so saved workflows keep their order."""
+    """The widgets of row ``n`` (1-based). Optional, so API prompts and JS-less UIs may omit unused rows."""
     return [
-        io.Combo.Input(f"lora_{n}", options=[NO_LORA] + lora_names, default=NO_LORA,
+        io.Combo.Input(f"lora_{n}", options=[NO_LORA] + lora_names, default=NO_LORA, optional=True,
                        tooltip=f"Row {n}: LoRA file from the loras folder."),
-        io.Boolean.Input(f"on_{n}", default=True, tooltip=f"Row {n}: include this LoRA (off rows are kept but ignored)."),
-        io.Float.Input(f"strength_model_{n}", default=1.0, min=-100.0, max=100.0, step=0.01,
+        io.Boolean.Input(f"on_{n}", default=True, optional=True, tooltip=f"Row {n}: include this LoRA (off rows are kept but ignored)."),
+        io.Float.Input(f"strength_model_{n}", default=1.0, min=-100.0, max=100.0, step=0.01, optional=True,
                        tooltip=f"Row {n}: strength on the diffusion model (UNet/DiT)."),
-        io.Float.Input(f"strength_clip_{n}", default=1.0, min=-100.0, max=100.0, step=0.01,
+        io.Float.Input(f"strength_clip_{n}", default=1.0, min=-100.0, max=100.0, step=0.01, optional=True,
                        tooltip=f"Row {n}: strength on the text encoder (used by Apply LoRA Stack and CLoRA)."),
-        io.Combo.Input(f"category_{n}", options=list(CATEGORIES), default="other",
+        io.Combo.Input(f"category_{n}", options=list(CATEGORIES), default="other", optional=True,
                        tooltip=f"Row {n}: what the LoRA adds. CMLoRA orders LoRAs by it; CLoRA treats 'style' as global."),
-        io.String.Input(f"concept_{n}", default="", tooltip=f"Row {n}: CLoRA concept word(s) of this LoRA as they "
+        io.String.Input(f"concept_{n}", default="", optional=True, tooltip=f"Row {n}: CLoRA concept word(s) of this LoRA as they "
                         "appear in the prompt, comma-separated (e.g. 'cat')."),
-        io.String.Input(f"trigger_{n}", default="", tooltip=f"Row {n}: trigger word(s) of the LoRA, comma-separated "
+        io.String.Input(f"trigger_{n}", default="", optional=True, tooltip=f"Row {n}: trigger word(s) of the LoRA, comma-separated "
                         "(CLoRA inserts them before the concept word)."),
     ]
 

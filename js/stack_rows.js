@@ -1,0 +1,85 @@
+// LoRA Stack rows: show only the first `rows` rows, with buttons to add and remove rows.
+// The `rows` widget is the single source of truth, so a saved workflow, an API-format prompt and a
+// node without this script all agree on how many rows are used.
+import { app } from "../../scripts/app.js";
+
+const NODE_ID = "MultiLoRAStack";
+const ROW_FIELDS = ["lora", "on", "strength_model", "strength_clip", "category", "concept", "trigger"];
+
+function rowOf(widget) {
+  const match = /^([a-z_]+)_(\d+)$/.exec(widget.name || "");
+  if (!match || !ROW_FIELDS.includes(match[1])) return null;
+  return Number(match[2]);
+}
+
+function setHidden(widget, hidden) {
+  if (widget.hidden === hidden) return;
+  widget.hidden = hidden;
+  if (hidden) {
+    widget.multilora_computeSize ??= widget.computeSize;
+    widget.computeSize = () => [0, -4];
+  } else if (widget.multilora_computeSize !== undefined) {
+    widget.computeSize = widget.multilora_computeSize;
+    delete widget.multilora_computeSize;
+  }
+}
+
+function applyRows(node) {
+  const rowsWidget = node.widgets?.find((w) => w.name === "rows");
+  if (!rowsWidget) return;
+  const max = rowsWidget.options?.max ?? 10;
+  const rows = Math.max(1, Math.min(max, Math.round(rowsWidget.value)));
+  for (const widget of node.widgets) {
+    const row = rowOf(widget);
+    if (row !== null) setHidden(widget, row > rows);
+  }
+  const size = node.computeSize();
+  node.setSize([Math.max(node.size[0], size[0]), size[1]]);
+  node.setDirtyCanvas(true, true);
+}
+
+function changeRows(node, delta) {
+  const rowsWidget = node.widgets.find((w) => w.name === "rows");
+  const max = rowsWidget.options?.max ?? 10;
+  const next = Math.max(1, Math.min(max, rowsWidget.value + delta));
+  if (next === rowsWidget.value) return;
+  if (delta < 0) {
+    // A removed row is reset so that adding it back starts empty.
+    for (const widget of node.widgets) {
+      if (rowOf(widget) === rowsWidget.value && widget.name.startsWith("lora_")) widget.value = "None";
+    }
+  }
+  rowsWidget.value = next;
+  rowsWidget.callback?.(next);
+  applyRows(node);
+}
+
+app.registerExtension({
+  name: "MultiLoRA.stackRows",
+  async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (nodeData.name !== NODE_ID) return;
+    const onNodeCreated = nodeType.prototype.onNodeCreated;
+    nodeType.prototype.onNodeCreated = function () {
+      const result = onNodeCreated?.apply(this, arguments);
+      const rowsWidget = this.widgets.find((w) => w.name === "rows");
+      const original = rowsWidget.callback;
+      rowsWidget.callback = (value) => {
+        original?.call(rowsWidget, value);
+        applyRows(this);
+      };
+      // Buttons go last and are not serialized, so widget indexes of saved workflows never shift.
+      const add = this.addWidget("button", "+ add LoRA row", null, () => changeRows(this, +1));
+      const remove = this.addWidget("button", "− remove last row", null, () => changeRows(this, -1));
+      add.serialize = false;
+      remove.serialize = false;
+      applyRows(this);
+      return result;
+    };
+    const onConfigure = nodeType.prototype.onConfigure;
+    nodeType.prototype.onConfigure = function () {
+      const result = onConfigure?.apply(this, arguments);
+      applyRows(this);
+      return result;
+    };
+  },
+});
