@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.multilora-deps
 
-.PHONY: test test-fast setup clean
+.PHONY: test test-fast setup clean demo
 
 test: $(STAMP)
 	$(BIN)/pytest tests -q -rs
@@ -26,3 +26,7 @@ $(STAMP): requirements-test.txt Makefile
 
 clean:
 	rm -rf $(VENV)
+
+# The pack's main job on an embedded default (tiny generated models), images + timings in demo_out/.
+demo: $(STAMP)
+	$(BIN)/python demo/run_demo.py --out demo_out
