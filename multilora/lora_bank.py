@@ -24,6 +24,8 @@ from .lowrank import (CONV, GROUP_NORM, LAYER_NORM, LINEAR, DensePart, LayerDelt
 
 log = logging.getLogger("multilora")
 
+TEXT_ENCODER_PREFIXES = ("lora_te", "text_encoder", "te_", "lora_te1_", "lora_te2_", "text_encoders.")
+
 
 @dataclass(frozen=True)
 class LoraSource:
@@ -66,15 +68,20 @@ def unet_patches(model, tensors: dict, name: str, node: str) -> dict:
     key_map = comfy.lora.model_lora_keys_unet(model, {})
     converted = comfy.lora_convert.convert_lora(tensors)
     patches = comfy.lora.load_lora(converted, key_map, log_missing=False)
+    family = type(model).__name__
+    text_encoder = sum(1 for k in converted if k.startswith(TEXT_ENCODER_PREFIXES))
     if not patches:
-        te = sum(1 for k in tensors if k.startswith(("lora_te", "text_encoder", "te_")))
-        family = type(model).__name__
-        hint = " It only has text-encoder weights." if te and te == len(tensors) else (
+        hint = " It only has text-encoder weights." if text_encoder and text_encoder == len(converted) else (
             " It was probably trained for another model family.")
         raise LoraFileError(
             f"{node}: LoRA '{name}' matched 0 of its {len(tensors)} tensors in this {family} model.{hint} "
             "Use a LoRA made for this checkpoint's family."
         )
+    loaded = next((a.loaded_keys for a in patches.values() if getattr(a, "loaded_keys", None)), None)
+    unet_tensors = len(converted) - text_encoder
+    if loaded is not None and len(loaded) < unet_tensors:
+        log.warning("%s: LoRA '%s' matched %d of its %d diffusion-model tensors in this %s model; the rest are "
+                    "ignored (is it made for this model family?)", node, name, len(loaded), unet_tensors, family)
     return patches
 
 

@@ -1,0 +1,74 @@
+"""LoRA Switch and LoRA Composite on the on-the-fly engine (Zhong et al. 2024, arXiv 2402.16843).
+
+- Switch (SPEC §1): the engine's default routing activates only LoRA ⌊i/τ⌋ mod k at step i (every
+  chunk of the call), so any sampler node samples it; weights never change.
+- Composite (SPEC §2): a keyed CALC_COND_BATCH wrapper turns the guider's m conds into m·k branches
+  (cond j with only LoRA i), hands them to ComfyUI's own ``calc_cond_batch`` in one list so they batch
+  into as few UNet calls as its memory check allows, and returns Σ_i w_i·branch_{j,i} per cond.
+Host module.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import comfy.patcher_extension
+import comfy.samplers
+
+from .engine import build_engine
+from .fusion import expand_conds, fuse_branches, normalized_weights
+from .onthefly import ROUTING_KEY, OnTheFlyLoras
+from .routing import ByCondIndex, SwitchRouting, one_hot
+from .stack import LoraRow
+
+COMPOSITE_KEY = "multilora.composite"
+
+
+def switch_model(model, rows: Sequence[LoraRow], switch_every: int, node: str):
+    """A clone of ``model`` that applies only LoRA ⌊i/τ⌋ mod k at step i."""
+    if int(switch_every) < 1:
+        raise ValueError(f"{node}: 'switch_every' must be at least 1 (got {switch_every}).")
+    engine = build_engine(model, rows, node, SwitchRouting(len(rows), int(switch_every)))
+    clone = model.clone()
+    engine.install(clone)
+    return clone
+
+
+class CompositeBranches:
+    """CALC_COND_BATCH wrapper: every cond evaluated once per LoRA, fused with weights w (sum 1)."""
+
+    def __init__(self, engine: OnTheFlyLoras, weights: Sequence[float]):
+        self.engine = engine
+        self.weights = tuple(weights)
+        self.calls = 0
+
+    def routing_for(self, owners: list[tuple[int, int]]) -> ByCondIndex:
+        count = self.engine.count
+        return ByCondIndex({index: one_hot(i, count) for index, (_, i) in enumerate(owners)}, (0.0,) * count)
+
+    def __call__(self, executor, model, conds, x_in, timestep, model_options):
+        expanded, owners = expand_conds(conds, self.engine.count)
+        options = dict(model_options)
+        options["transformer_options"] = dict(model_options.get("transformer_options", {}))
+        options["transformer_options"][ROUTING_KEY] = self.routing_for(owners)
+        self.calls += 1
+        outputs = executor(model, expanded, x_in, timestep, options)
+        return fuse_branches(outputs, len(conds), self.weights)
+
+
+def composite_model(model, rows: Sequence[LoraRow], weights: Sequence[float] | None, node: str):
+    """A clone of ``model`` whose every cond prediction is the weighted mean over single-LoRA branches."""
+    fusion = normalized_weights(weights if weights is not None else [1.0] * len(rows), node)
+    engine = build_engine(model, rows, node)
+    clone = model.clone()
+    engine.install(clone)
+    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, COMPOSITE_KEY,
+                               CompositeBranches(engine, fusion))
+    return clone
+
+
+class CompositeGuider(comfy.samplers.CFGGuider):
+    """CFG guider over LoRA Composite predictions; usable with SamplerCustomAdvanced and any SAMPLER/SIGMAS."""
+
+    def __init__(self, model_patcher, rows: Sequence[LoraRow], weights: Sequence[float] | None = None,
+                 node: str = "LoRA Composite Guider"):
+        super().__init__(composite_model(model_patcher, rows, weights, node))
