@@ -17,7 +17,7 @@ import comfy.samplers
 from .engine import build_engine
 from .fusion import expand_conds, fuse_branches, normalized_weights
 from .onthefly import ROUTING_KEY, OnTheFlyLoras
-from .routing import ByCondIndex, SwitchRouting, one_hot
+from .routing import ByCondIndex, SameForAll, SwitchRouting, one_hot
 from .stack import LoraRow
 
 COMPOSITE_KEY = "multilora.composite"
@@ -36,9 +36,10 @@ def switch_model(model, rows: Sequence[LoraRow], switch_every: int, node: str):
 class CompositeBranches:
     """CALC_COND_BATCH wrapper: every cond evaluated once per LoRA, fused with weights w (sum 1)."""
 
-    def __init__(self, engine: OnTheFlyLoras, weights: Sequence[float]):
+    def __init__(self, engine: OnTheFlyLoras, weights: Sequence[float], batched: bool = True):
         self.engine = engine
         self.weights = tuple(weights)
+        self.batched = batched  # False: one calc_cond_batch per LoRA, like the authors' code (benchmarks)
         self.calls = 0
 
     def routing_for(self, owners: list[tuple[int, int]]) -> ByCondIndex:
@@ -51,18 +52,26 @@ class CompositeBranches:
         options["transformer_options"] = dict(model_options.get("transformer_options", {}))
         options["transformer_options"][ROUTING_KEY] = self.routing_for(owners)
         self.calls += 1
-        outputs = executor(model, expanded, x_in, timestep, options)
+        if self.batched:
+            outputs = executor(model, expanded, x_in, timestep, options)
+            return fuse_branches(outputs, len(conds), self.weights)
+        per_lora = []
+        for i in range(self.engine.count):
+            options["transformer_options"][ROUTING_KEY] = SameForAll(one_hot(i, self.engine.count))
+            per_lora.append(executor(model, list(conds), x_in, timestep, options))
+        outputs = [per_lora[i][j] for j in range(len(conds)) for i in range(self.engine.count)]
         return fuse_branches(outputs, len(conds), self.weights)
 
 
-def composite_model(model, rows: Sequence[LoraRow], weights: Sequence[float] | None, node: str):
+def composite_model(model, rows: Sequence[LoraRow], weights: Sequence[float] | None, node: str,
+                    batched: bool = True):
     """A clone of ``model`` whose every cond prediction is the weighted mean over single-LoRA branches."""
     fusion = normalized_weights(weights if weights is not None else [1.0] * len(rows), node)
     engine = build_engine(model, rows, node)
     clone = model.clone()
     engine.install(clone)
     clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, COMPOSITE_KEY,
-                               CompositeBranches(engine, fusion))
+                               CompositeBranches(engine, fusion, batched))
     return clone
 
 

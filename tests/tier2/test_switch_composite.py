@@ -214,3 +214,11 @@ def test_clear_errors(ml, world, caplog):
     caplog.clear()
     methods.composite_model(model, stack_of(ml, sdxl_names[:1]).active(), None, "KSampler (LoRA Composite)")
     assert any("matched" in r.getMessage() and "sc_sdxl_31" in r.getMessage() for r in caplog.records)
+
+
+def test_sequential_branches_equal_batched_branches(ml, world):
+    model, names = world["sd15"]
+    rows = stack_of(ml, names).active()
+    batched = run(ml("methods").composite_model(model, rows, None, "test"), "sd15", steps=4)
+    sequential = run(ml("methods").composite_model(model, rows, None, "test", batched=False), "sd15", steps=4)
+    torch.testing.assert_close(sequential, batched, atol=1e-3, rtol=1e-3)  # batch size changes BLAS blocking
