@@ -69,6 +69,7 @@ class LayerDeltas:
     column_lora: torch.Tensor | None
     dense: list[DensePart]
     loras: frozenset[int]
+    column_key: tuple[int, ...] = ()
     _cast: dict = field(default_factory=dict, repr=False)
 
     def cast(self, device: torch.device, dtype: torch.dtype) -> tuple:
@@ -130,7 +131,27 @@ def fuse_layer(spec: LayerSpec, lowrank: list[LowRankPart], dense: list[DensePar
         if spec.kind == LINEAR:
             down_cat = down_cat.reshape(total_rank, -1)
     loras = frozenset([p.lora for p in fusable] + [p.lora for p in dense])
-    return LayerDeltas(spec, down_cat, up_cat, column_lora, dense, loras)
+    column_key = tuple(column_lora.tolist()) if column_lora is not None else ()
+    return LayerDeltas(spec, down_cat, up_cat, column_lora, dense, loras, column_key)
+
+
+def merged_delta(deltas: LayerDeltas, weights: "list[float]") -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(ΔW, Δb) in float32 of the whole layer for one LoRA weight vector w: B_cat·diag(w_col)·A_cat + Σ w_i ΔW_i."""
+    spec = deltas.spec
+    delta_w = delta_b = None
+    if deltas.down_cat is not None:
+        column_weights = torch.tensor([weights[i] for i in deltas.column_key], dtype=torch.float32)
+        product = (deltas.up_cat * column_weights) @ deltas.down_cat.flatten(1)
+        delta_w = product.reshape(spec.weight_shape)
+    for part in deltas.dense:
+        w = weights[part.lora]
+        if w == 0:
+            continue
+        if part.weight is not None:
+            delta_w = w * part.weight if delta_w is None else delta_w + w * part.weight
+        if part.bias is not None:
+            delta_b = w * part.bias if delta_b is None else delta_b + w * part.bias
+    return delta_w, delta_b
 
 
 def _conv(spec: LayerSpec, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -148,17 +169,27 @@ def _row_view(weights: torch.Tensor, ndim: int, channel_last: bool) -> torch.Ten
 
 
 def apply_layer_deltas(deltas: LayerDeltas, x: torch.Tensor, out: torch.Tensor,
-                       row_weights: torch.Tensor) -> torch.Tensor:
-    """y + routed deltas; ``row_weights`` is [B, k] (B = x.shape[0]) on x's device and dtype."""
+                       row_weights: torch.Tensor, mask_cache: dict | None = None) -> torch.Tensor:
+    """y + routed deltas; ``row_weights`` is [B, k] (B = x.shape[0]) on x's device and dtype.
+
+    ``mask_cache`` (one dict per model call) shares the [B, R] column mask between layers whose rank
+    columns belong to the same LoRAs in the same order (most layers of a stack)."""
     spec = deltas.spec
     down, up, column_lora, dense = deltas.cast(out.device, out.dtype)
-    x = x.to(out.dtype)
+    if x.dtype != out.dtype:
+        x = x.to(out.dtype)
     if down is not None:
-        mask = row_weights.index_select(1, column_lora)
+        key = (deltas.column_key, out.dtype, out.device)
+        mask = None if mask_cache is None else mask_cache.get(key)
+        if mask is None:
+            mask = row_weights.index_select(1, column_lora)
+            if mask_cache is not None:
+                mask_cache[key] = mask
         if spec.kind == LINEAR:
             h = F.linear(x, down)
             h = h * mask.view((mask.shape[0],) + (1,) * (h.ndim - 2) + (mask.shape[1],))
-            out = out + F.linear(h, up)
+            flat = h.reshape(-1, h.shape[-1])
+            out = torch.addmm(out.reshape(-1, out.shape[-1]), flat, up.t()).view(out.shape)
         else:
             h = _conv(spec, x, down)
             h = h * mask.view(mask.shape + (1,) * (h.ndim - 2))

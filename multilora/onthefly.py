@@ -8,7 +8,11 @@ ModelPatcher wrappers on a *clone* of the user's model:
 - APPLY_MODEL: turns ``transformer_options["cond_or_uncond"]`` and the routing found under
   ``transformer_options[ROUTING_KEY]`` (or the engine's default) into per-row LoRA weights for that call.
 
-Weights are never touched: switching or mixing LoRAs only changes routing. Host module.
+When every row of a call has the same LoRA weights (LoRA Switch, a single stack applied on the fly) the
+engine instead merges that weight vector into the targeted weights, W ← W₀ + Σ_i w_i ΔW_i (float32 sum,
+rounded once, as ComfyUI merges), re-merging only when the vector changes and restoring W₀ from a backup
+in ``finally``. Such calls then cost exactly what a merged LoRA costs; mixed calls use the hooks on W₀.
+Host module.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ import torch
 import comfy.patcher_extension
 import comfy.utils
 
-from .lowrank import LayerDeltas, apply_layer_deltas
+from .lowrank import LayerDeltas, apply_layer_deltas, merged_delta
 from .routing import Routing, SameForAll
 
 log = logging.getLogger("multilora")
@@ -41,8 +45,13 @@ class OnTheFlyLoras:
         self._rows: torch.Tensor | None = None
         self._active: frozenset[int] = frozenset()
         self._rows_cast: dict = {}
+        self._masks: dict = {}
         self._attached = 0
         self.calls = 0
+        self.merge_uniform = True
+        self._merged: tuple[float, ...] | None = None
+        self._backups: dict[str, tuple[torch.nn.Parameter, torch.Tensor, torch.nn.Parameter | None, torch.Tensor | None]] = {}
+        self.merges = 0
 
     # --- routing state for the current model call ---------------------------------------------------
     def row_weights_for(self, chunk_weights: Sequence[Sequence[float]], batch: int) -> torch.Tensor:
@@ -56,14 +65,15 @@ class OnTheFlyLoras:
     @contextlib.contextmanager
     def routed(self, row_weights: torch.Tensor) -> Iterator[None]:
         """Use ``row_weights`` ([B, k]) for the model calls inside the block."""
-        previous = (self._rows, self._active, self._rows_cast)
+        previous = (self._rows, self._active, self._rows_cast, self._masks)
         self._rows = row_weights
         self._active = frozenset(int(i) for i in torch.nonzero(row_weights.abs().sum(0)).flatten().tolist())
         self._rows_cast = {}
+        self._masks = {}
         try:
             yield
         finally:
-            self._rows, self._active, self._rows_cast = previous
+            self._rows, self._active, self._rows_cast, self._masks = previous
 
     def _rows_on(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         key = (device, dtype)
@@ -83,7 +93,7 @@ class OnTheFlyLoras:
             if x.shape[0] != rows.shape[0]:
                 raise RuntimeError(
                     f"multilora: layer {path} got batch {x.shape[0]} but the call has {rows.shape[0]} rows")
-            return apply_layer_deltas(deltas, x, output, rows)
+            return apply_layer_deltas(deltas, x, output, rows, self._masks)
         return hook
 
     @contextlib.contextmanager
@@ -101,6 +111,61 @@ class OnTheFlyLoras:
                 handle.remove()
             if handles:
                 self._attached -= 1
+            self.restore_weights()
+
+    def active_loras(self) -> frozenset[int]:
+        """LoRAs in effect for the model call in progress (merged or routed)."""
+        if self._rows is not None:
+            return self._active
+        if self._merged is not None:
+            return frozenset(i for i, w in enumerate(self._merged) if w != 0)
+        return frozenset()
+
+    # --- merged fast path ----------------------------------------------------------------------------
+    def _mergeable(self, base_model) -> bool:
+        for path in self.layers:
+            weight = getattr(comfy.utils.get_attr(base_model, path), "weight", None)
+            if weight is None or weight.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+                return False
+        return True
+
+    def merge_weights(self, base_model, vector: tuple[float, ...]) -> None:
+        """Make every targeted layer hold W₀ + Σ_i vector_i ΔW_i (W₀ backed up on first change)."""
+        if vector == self._merged:
+            return
+        with torch.inference_mode():
+            for path, deltas in self.layers.items():
+                module = comfy.utils.get_attr(base_model, path)
+                if path not in self._backups:
+                    bias = getattr(module, "bias", None) if any(p.bias is not None for p in deltas.dense) else None
+                    self._backups[path] = (module.weight, module.weight.detach().clone(),
+                                           bias, None if bias is None else bias.detach().clone())
+                weight, original, bias, original_bias = self._backups[path]
+                delta_w, delta_b = merged_delta(deltas, list(vector))
+                if delta_w is None:
+                    weight.copy_(original)
+                else:
+                    weight.copy_((original.float() + delta_w.to(original.device)).to(original.dtype))
+                if bias is not None:
+                    if delta_b is None:
+                        bias.copy_(original_bias)
+                    else:
+                        bias.copy_((original_bias.float() + delta_b.to(original_bias.device)).to(original_bias.dtype))
+        self._merged = vector
+        self.merges += 1
+
+    def restore_weights(self) -> None:
+        """Put every backed-up W₀ back (exact copies) and forget the backups."""
+        if not self._backups:
+            self._merged = None
+            return
+        with torch.inference_mode():
+            for weight, original, bias, original_bias in self._backups.values():
+                weight.copy_(original)
+                if bias is not None:
+                    bias.copy_(original_bias)
+        self._backups.clear()
+        self._merged = None
 
     # --- ModelPatcher wrappers ------------------------------------------------------------------------
     def _outer_sample_wrapper(self, executor, *args, **kwargs):
@@ -114,6 +179,13 @@ class OnTheFlyLoras:
         cond_or_uncond = transformer_options.get("cond_or_uncond") or [0]
         rows = self.row_weights_for(routing.chunk_weights(cond_or_uncond, transformer_options), x.shape[0])
         self.calls += 1
+        base_model = executor.class_obj
+        uniform = bool((rows == rows[0]).all())
+        if self.merge_uniform and uniform and self._attached and self._mergeable(base_model):
+            self.merge_weights(base_model, tuple(float(v) for v in rows[0]))
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        if self._merged is not None:
+            self.merge_weights(base_model, (0.0,) * self.count)
         with self.routed(rows):
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
 

@@ -169,3 +169,18 @@ def test_lowrank_part_with_other_kernel_falls_back_to_dense():
     part = lowrank.LowRankPart(0, torch.randn(2, 4, generator=g), torch.randn(6, 2, generator=g), 1.0)
     deltas = lowrank.fuse_layer(spec, [part], [])
     assert deltas.down_cat is not None and deltas.down_cat.shape == (2, 4, 1, 1)
+
+
+def test_merged_delta_equals_sum_of_weighted_parts():
+    g = torch.Generator().manual_seed(4)
+    parts = [lowrank.LowRankPart(0, torch.randn(3, 8, generator=g), torch.randn(12, 3, generator=g), 0.7),
+             lowrank.LowRankPart(1, torch.randn(2, 8, generator=g), torch.randn(4, 2, generator=g), 1.3, out_start=4)]
+    dense = [lowrank.DensePart(1, torch.randn(12, 8, generator=g), torch.randn(12, generator=g))]
+    deltas = lowrank.fuse_layer(lowrank.LayerSpec(lowrank.LINEAR, 12, (12, 8)), parts, dense)
+    dw, db = lowrank.merged_delta(deltas, [0.5, 2.0])
+    want = torch.zeros(12, 8)
+    want += 0.5 * 0.7 * parts[0].up @ parts[0].down
+    want[4:8] += 2.0 * 1.3 * parts[1].up @ parts[1].down
+    want += 2.0 * dense[0].weight
+    torch.testing.assert_close(dw, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(db, 2.0 * dense[0].bias)

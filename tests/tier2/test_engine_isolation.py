@@ -88,3 +88,18 @@ def test_cancel_or_exception_mid_run_leaves_nothing_patched(ml, setup, error):
     # and the next run with the engine works again
     again = sample(ml("engine").clone_with_engine(patcher, engine))
     assert (again - fresh).abs().max() > 1e-2
+
+
+def test_merged_fast_path_equals_hook_path_and_restores_weights(ml, setup):
+    patcher, names, rows = setup
+    before = {k: v.clone() for k, v in patcher.model.state_dict().items()}
+    engine = ml("engine").build_engine(patcher, rows, "test")
+    fast = sample(ml("engine").clone_with_engine(patcher, engine))
+    assert engine.merges >= 1
+    slow_engine = ml("engine").build_engine(patcher, rows, "test")
+    slow_engine.merge_uniform = False
+    slow = sample(ml("engine").clone_with_engine(patcher, slow_engine))
+    assert slow_engine.merges == 0
+    torch.testing.assert_close(fast, slow, atol=1e-3, rtol=1e-3)
+    after = patcher.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)

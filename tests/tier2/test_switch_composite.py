@@ -161,7 +161,7 @@ def test_switch_active_lora_follows_floor_i_over_tau_mod_k(ml, world, sampler, s
 
     def record(executor, x, t, *args, **kwargs):
         options = args[3] if len(args) > 3 else kwargs["transformer_options"]
-        log.append((float(t[0]), [float(s) for s in options["sample_sigmas"]], sorted(engine._active)))
+        log.append((float(t[0]), [float(s) for s in options["sample_sigmas"]], sorted(engine.active_loras())))
         return executor(x, t, *args, **kwargs)
 
     switch.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test.record", record)

@@ -1,0 +1,206 @@
+"""Every workflow in workflows/ runs through ComfyUI's real validator and executor.
+
+Each UI-format workflow is converted to an API prompt the way the frontend does
+(``support.workflow_api.ui_to_api``), scaled down (64x64 latent, 4 steps) and pointed at the tiny
+real-format SD1.5 checkpoint; the demo LoRAs it references are written into the loras folder under
+their own names. The run must end with a real, non-constant PNG from SaveImage.
+"""
+from __future__ import annotations
+
+import copy
+import glob
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import folder_paths
+import nodes
+from support.executor import PromptFailed, run_prompt
+from support.pack_loader import REPO_ROOT
+from support.tiny_checkpoint import DEMO_LORAS, ensure_demo_loras, ensure_tiny_checkpoint
+from support.workflow_api import (CONTROL_AFTER_GENERATE, CONTROL_VALUES, WorkflowError, ui_to_api,
+                                  unknown_node_types, widget_names)
+
+WORKFLOWS_DIR = os.path.join(REPO_ROOT, "workflows")
+WORKFLOW_FILES = sorted(glob.glob(os.path.join(WORKFLOWS_DIR, "*.json")))
+EXPECTED = {"multilora_merge.json", "multilora_switch.json", "multilora_composite.json"}
+TEST_SIZE = 64
+TEST_STEPS = 4
+SAMPLING_KEYS = ("seed", "steps", "cfg", "sampler_name", "scheduler", "denoise")
+
+
+def load(path: str) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def sampler_id(prompt: dict) -> str:
+    """The one node of the prompt that samples (has a seed and a latent_image input)."""
+    found = [k for k, v in prompt.items() if "seed" in v["inputs"] and "latent_image" in v["inputs"]]
+    assert len(found) == 1, f"expected one sampler node, found {found}"
+    return found[0]
+
+
+def linked_id(prompt: dict, node_id: str, name: str) -> str:
+    """Id of the node feeding input ``name`` of node ``node_id``."""
+    source = prompt[node_id]["inputs"][name]
+    assert isinstance(source, list), f"{prompt[node_id]['class_type']}.{name} is not linked"
+    return source[0]
+
+
+def linked(prompt: dict, node_id: str, name: str) -> dict:
+    return prompt[linked_id(prompt, node_id, name)]
+
+
+def scaled_for_test(prompt: dict, ckpt_name: str, prefix: str) -> dict:
+    """Small sizes and the tiny checkpoint; LoRA switching every step so 4 steps still cycle."""
+    prompt = copy.deepcopy(prompt)
+    for node in prompt.values():
+        inputs = node["inputs"]
+        if node["class_type"] == "EmptyLatentImage":
+            inputs.update(width=TEST_SIZE, height=TEST_SIZE, batch_size=1)
+        if "ckpt_name" in inputs:
+            inputs["ckpt_name"] = ckpt_name
+        if "steps" in inputs and not isinstance(inputs["steps"], list):
+            inputs["steps"] = TEST_STEPS
+        if "switch_every" in inputs and not isinstance(inputs["switch_every"], list):
+            inputs["switch_every"] = 1
+        if node["class_type"] == "SaveImage":
+            inputs["filename_prefix"] = prefix
+    return prompt
+
+
+@pytest.fixture(scope="module")
+def demo_files(comfy_state) -> str:
+    """The tiny checkpoint (its file name is returned) and the demo LoRAs, in ComfyUI's folders."""
+    ckpt = ensure_tiny_checkpoint(comfy_state["checkpoints_dir"])
+    ensure_demo_loras(comfy_state["loras_dir"], os.path.join(comfy_state["checkpoints_dir"], ckpt))
+    return ckpt
+
+
+def test_the_method_workflows_exist():
+    assert EXPECTED <= {os.path.basename(p) for p in WORKFLOW_FILES}
+
+
+@pytest.mark.parametrize("path", WORKFLOW_FILES, ids=os.path.basename)
+def test_workflow_matches_the_node_definitions(path):
+    workflow = load(path)
+    assert unknown_node_types(workflow) == []
+    for node in workflow["nodes"]:
+        names = widget_names(nodes.NODE_CLASS_MAPPINGS[node["type"]])
+        values = node.get("widgets_values") or []
+        assert len(values) == len(names), f"node {node['id']} {node['type']}: {values} vs widgets {names}"
+        for name, value in zip(names, values):
+            if name == CONTROL_AFTER_GENERATE:
+                assert value in CONTROL_VALUES
+    link_ids = {link[0] for link in workflow["links"]}
+    for link in workflow["links"]:
+        _, origin, slot, target, target_slot, kind = link
+        source = next(n for n in workflow["nodes"] if n["id"] == origin)
+        dest = next(n for n in workflow["nodes"] if n["id"] == target)
+        assert link[0] in source["outputs"][slot]["links"]
+        assert dest["inputs"][target_slot]["link"] == link[0]
+        assert source["outputs"][slot]["type"] == dest["inputs"][target_slot]["type"] == kind
+    assert workflow["last_link_id"] == max(link_ids)
+    assert workflow["last_node_id"] == max(n["id"] for n in workflow["nodes"])
+
+
+@pytest.mark.parametrize("path", WORKFLOW_FILES, ids=os.path.basename)
+def test_workflow_runs_in_comfyui(path, demo_files):
+    stem = os.path.splitext(os.path.basename(path))[0]
+    prompt = scaled_for_test(ui_to_api(load(path)), demo_files, f"test_workflows/{stem}")
+    lora_names = set(folder_paths.get_filename_list("loras"))
+    for node in prompt.values():
+        for key, value in node["inputs"].items():
+            if key.startswith("lora_") and isinstance(value, str) and value != "None":
+                assert value in lora_names, f"{stem} references {value}, which the test does not provide"
+
+    server = run_prompt(prompt)
+
+    saved = [data["output"]["images"] for event, data in server.messages
+             if event == "executed" and data.get("output") and "images" in data["output"]]
+    assert len(saved) == 1 and len(saved[0]) == 1
+    info = saved[0][0]
+    file = os.path.join(folder_paths.get_output_directory(), info["subfolder"], info["filename"])
+    assert os.path.isfile(file)
+    with Image.open(file) as image:
+        image.verify()
+    with Image.open(file) as image:
+        assert image.format == "PNG" and image.size == (TEST_SIZE, TEST_SIZE)
+        pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+    assert np.isfinite(pixels).all()
+    assert pixels.std() > 1.0, "the decoded image is (nearly) constant"
+
+
+def test_method_workflows_are_comparable():
+    """Same checkpoint, seed, sampling settings, prompts, latent size and LoRA rows in every method."""
+    prompts = {name: ui_to_api(load(os.path.join(WORKFLOWS_DIR, name))) for name in sorted(EXPECTED)}
+    summaries = {}
+    for name, prompt in prompts.items():
+        sampler = sampler_id(prompt)
+        settings = {k: prompt[sampler]["inputs"][k] for k in SAMPLING_KEYS}
+        latent = linked(prompt, sampler, "latent_image")
+        stack = linked(prompt, sampler, "lora_stack") if "lora_stack" in prompt[sampler]["inputs"] else None
+        if stack is None:  # Merge: the stack feeds Apply LoRA Stack, which feeds the sampler's model
+            stack = linked(prompt, sampler, "model")
+            assert stack["class_type"] == "MultiLoRAApplyStack"
+            stack = prompt[stack["inputs"]["lora_stack"][0]]
+        assert stack["class_type"] == "MultiLoRAStack"
+        checkpoints = [n["inputs"]["ckpt_name"] for n in prompt.values() if n["class_type"] == "CheckpointLoaderSimple"]
+        summaries[name] = {
+            "settings": settings,
+            "positive": linked(prompt, sampler, "positive")["inputs"]["text"],
+            "negative": linked(prompt, sampler, "negative")["inputs"]["text"],
+            "latent": {k: latent["inputs"][k] for k in ("width", "height", "batch_size")},
+            "stack": stack["inputs"],
+            "checkpoints": checkpoints,
+        }
+        for side in ("positive", "negative"):  # the LoRAs' text-encoder parts reach both prompts
+            encoder = linked_id(prompt, sampler, side)
+            assert linked(prompt, encoder, "clip")["class_type"] == "MultiLoRAApplyStack"
+    reference = summaries["multilora_merge.json"]
+    for name, summary in summaries.items():
+        assert summary == reference, f"{name} differs from the Merge workflow"
+    assert reference["settings"]["seed"] == 42 and reference["settings"]["steps"] == 20
+    used = [reference["stack"][f"lora_{n}"] for n in range(1, reference["stack"]["rows"] + 1)]
+    assert used == [d.filename for d in DEMO_LORAS]
+
+
+def test_unknown_node_type_is_detected(demo_files):
+    workflow = load(os.path.join(WORKFLOWS_DIR, "multilora_merge.json"))
+    broken = copy.deepcopy(workflow)
+    broken["nodes"][1]["type"] = "MultiLoRANoSuchNode"
+    assert unknown_node_types(broken) == ["MultiLoRANoSuchNode"]
+    with pytest.raises(WorkflowError, match="MultiLoRANoSuchNode"):
+        ui_to_api(broken)
+    assert unknown_node_types(workflow) == []  # the copy was broken, not the file
+
+    # ComfyUI's own validator refuses it as well (nothing executes).
+    prompt = scaled_for_test(ui_to_api(workflow), demo_files, "test_workflows/broken")
+    prompt[str(broken["nodes"][1]["id"])]["class_type"] = "MultiLoRANoSuchNode"
+    with pytest.raises(PromptFailed, match="MultiLoRANoSuchNode"):
+        run_prompt(prompt)
+
+
+def test_ui_to_api_skips_bypassed_and_muted_nodes():
+    workflow = load(os.path.join(WORKFLOWS_DIR, "multilora_merge.json"))
+    by_type = {n["type"]: n for n in workflow["nodes"]}
+    plain = ui_to_api(workflow)
+    sampler = sampler_id(plain)
+    assert plain[sampler]["inputs"]["seed"] == 42 and "control_after_generate" not in plain[sampler]["inputs"]
+
+    bypassed = copy.deepcopy(workflow)
+    next(n for n in bypassed["nodes"] if n["type"] == "MultiLoRAApplyStack")["mode"] = 4
+    prompt = ui_to_api(bypassed)
+    apply_id, ckpt_id = str(by_type["MultiLoRAApplyStack"]["id"]), str(by_type["CheckpointLoaderSimple"]["id"])
+    assert apply_id not in prompt
+    assert prompt[sampler]["inputs"]["model"] == [ckpt_id, 0]  # MODEL passes through the bypassed node
+    positive = prompt[sampler]["inputs"]["positive"][0]
+    assert prompt[positive]["inputs"]["clip"] == [ckpt_id, 1]  # and so does CLIP
+
+    muted = copy.deepcopy(workflow)
+    next(n for n in muted["nodes"] if n["type"] == "SaveImage")["mode"] = 2
+    assert "SaveImage" not in {n["class_type"] for n in ui_to_api(muted).values()}
