@@ -20,6 +20,7 @@ from .errors import LoraFileError
 log = logging.getLogger("multilora")
 
 CACHE_ENTRIES = 32
+CACHE_BYTES = 4 * 2**30  # parsed files kept in RAM at most (LRU); real LoRAs are 10–800 MB each
 _cache: "OrderedDict[tuple[str, int, int], dict[str, torch.Tensor]]" = OrderedDict()
 _lock = threading.Lock()
 read_count = 0  # files actually read from disk (tests assert the cache works)
@@ -64,10 +65,14 @@ def read_lora_file(path: str, node: str = "LoRA Stack") -> dict[str, torch.Tenso
     with _lock:
         read_count += 1
         _cache[key] = tensors
-        while len(_cache) > CACHE_ENTRIES:
+        while len(_cache) > 1 and (len(_cache) > CACHE_ENTRIES or _cached_bytes() > CACHE_BYTES):
             _cache.popitem(last=False)
     log.debug("read LoRA file %s (%d tensors)", path, len(tensors))
     return tensors
+
+
+def _cached_bytes() -> int:
+    return sum(t.numel() * t.element_size() for sd in _cache.values() for t in sd.values())
 
 
 def clear_cache() -> None:

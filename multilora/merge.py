@@ -10,6 +10,7 @@ from typing import Sequence
 
 import comfy.sd
 
+from .lora_bank import TEXT_ENCODER_PREFIXES
 from .lora_files import read_lora_file, resolve_lora_path
 from .stack import LoraRow
 
@@ -20,5 +21,11 @@ def merge_rows(model, clip, rows: Sequence[LoraRow], node: str):
         if row.strength_model == 0 and row.strength_clip == 0:
             continue  # what core LoraLoader does
         tensors = read_lora_file(resolve_lora_path(row.name, node), node)
+        if model is None or clip is None:
+            # Only the connected side's tensors: core would log one "not loaded" line per other-side key.
+            keep_text = model is None
+            tensors = {k: v for k, v in tensors.items() if k.startswith(TEXT_ENCODER_PREFIXES) == keep_text}
+            if not tensors:
+                continue
         model, clip = comfy.sd.load_lora_for_models(model, clip, tensors, row.strength_model, row.strength_clip)
     return model, clip

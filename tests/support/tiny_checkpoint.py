@@ -21,6 +21,7 @@ ComfyUI must be booted (``support.comfy_boot.boot``) before this module is impor
 """
 from __future__ import annotations
 
+import atexit
 import math
 import os
 from collections.abc import Iterator
@@ -69,6 +70,17 @@ DEMO_LORAS: tuple[DemoLora, ...] = (
 """The LoRAs ``ensure_demo_loras`` writes, in the order the demo workflows list them."""
 
 _written: dict[tuple[str, int], str] = {}
+_remove_at_exit: list[str] = []
+
+
+@atexit.register
+def _remove_written_checkpoints() -> None:
+    """Delete the ~470 MB checkpoints ``ensure_tiny_checkpoint`` wrote (the test folders are not cleaned)."""
+    for path in _remove_at_exit:
+        try:
+            os.remove(path)
+        except OSError:
+            pass
 
 
 def tiny_sd15_unet_config() -> dict[str, Any]:
@@ -158,8 +170,9 @@ def ensure_tiny_checkpoint(checkpoints_dir: str | os.PathLike[str] | None = None
     """Write the tiny checkpoint into ``checkpoints_dir`` once per process; return its file name.
 
     ``checkpoints_dir`` defaults to the first ComfyUI ``checkpoints`` folder (the booted test
-    instance's temporary folder). An existing file of the same name is reused. ComfyUI's file-list
-    cache is cleared so ``CheckpointLoaderSimple`` sees the file at once.
+    instance's temporary folder). An existing file of the same name is reused; a file written here is
+    deleted when the process exits. ComfyUI's file-list cache is cleared so ``CheckpointLoaderSimple``
+    sees the file at once.
     """
     directory = os.fspath(checkpoints_dir) if checkpoints_dir is not None else folder_paths.get_folder_paths("checkpoints")[0]
     name = TINY_CHECKPOINT_NAME.format(seed=int(seed))
@@ -170,6 +183,7 @@ def ensure_tiny_checkpoint(checkpoints_dir: str | os.PathLike[str] | None = None
     target = os.path.join(directory, name)
     if not os.path.exists(target):
         write_tiny_sd15_checkpoint(target, seed)
+        _remove_at_exit.append(target)
     _written[memo] = name
     folder_paths.filename_list_cache.clear()
     return name

@@ -92,15 +92,32 @@ def unknown_node_types(workflow: dict, object_info: Mapping[str, Any] | None = N
                    if n["type"] not in info and n["type"] not in FRONTEND_ONLY_NODES})
 
 
+def _widget_default(spec: Any) -> Any:
+    """The value the frontend gives a new widget: its default, else a combo's first option."""
+    options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    if "default" in options:
+        return options["default"]
+    choices = spec[0] if isinstance(spec[0], (list, tuple)) else options.get("options")
+    return choices[0] if choices else None
+
+
 def _widget_inputs(node: dict, node_class: Any) -> dict[str, Any]:
+    """Widget values by input name; widgets missing from the end of ``widgets_values`` (a workflow
+    saved before the node gained an input) get their defaults, as when the frontend loads it."""
     values = node.get("widgets_values") or []
     names = widget_names(node_class)
+    specs = dict(_input_specs(node_class))
     if isinstance(values, dict):  # some custom nodes save widgets by name
-        return {k: v for k, v in values.items() if k in names and k != CONTROL_AFTER_GENERATE}
+        return {name: values[name] if name in values else _widget_default(specs[name])
+                for name in names if name != CONTROL_AFTER_GENERATE}
     if len(values) > len(names):
         raise WorkflowError(f"node {node['id']} ({node['type']}): {len(values)} widget values for "
                             f"{len(names)} widgets {names}")
-    return {name: value for name, value in zip(names, values) if name != CONTROL_AFTER_GENERATE}
+    out = {name: value for name, value in zip(names, values) if name != CONTROL_AFTER_GENERATE}
+    for name in names[len(values):]:
+        if name != CONTROL_AFTER_GENERATE:
+            out[name] = _widget_default(specs[name])
+    return out
 
 
 class _Graph:

@@ -11,6 +11,7 @@ import copy
 import glob
 import json
 import os
+import uuid
 
 import numpy as np
 import pytest
@@ -111,21 +112,20 @@ def test_workflow_matches_the_node_definitions(path):
 @pytest.mark.parametrize("path", WORKFLOW_FILES, ids=os.path.basename)
 def test_workflow_runs_in_comfyui(path, demo_files):
     stem = os.path.splitext(os.path.basename(path))[0]
-    prompt = scaled_for_test(ui_to_api(load(path)), demo_files, f"test_workflows/{stem}")
+    prefix = f"test_workflows/{stem}-{uuid.uuid4().hex[:8]}"
+    prompt = scaled_for_test(ui_to_api(load(path)), demo_files, prefix)
     lora_names = set(folder_paths.get_filename_list("loras"))
     for node in prompt.values():
         for key, value in node["inputs"].items():
             if key.startswith("lora_") and isinstance(value, str) and value != "None":
                 assert value in lora_names, f"{stem} references {value}, which the test does not provide"
 
-    server = run_prompt(prompt)
+    run_prompt(prompt)
 
-    saved = [data["output"]["images"] for event, data in server.messages
-             if event == "executed" and data.get("output") and "images" in data["output"]]
-    assert len(saved) == 1 and len(saved[0]) == 1
-    info = saved[0][0]
-    file = os.path.join(folder_paths.get_output_directory(), info["subfolder"], info["filename"])
-    assert os.path.isfile(file)
+    # The stub server has no client id, so ComfyUI sends no 'executed' messages: find the file instead.
+    files = glob.glob(os.path.join(folder_paths.get_output_directory(), prefix + "_*.png"))
+    assert len(files) == 1, f"SaveImage wrote {files}"
+    file = files[0]
     with Image.open(file) as image:
         image.verify()
     with Image.open(file) as image:
@@ -169,28 +169,48 @@ def test_method_workflows_are_comparable():
     assert used == [d.filename for d in DEMO_LORAS]
 
 
-def test_unknown_node_type_is_detected(demo_files):
+def test_unknown_node_type_is_detected():
     workflow = load(os.path.join(WORKFLOWS_DIR, "multilora_merge.json"))
     broken = copy.deepcopy(workflow)
-    broken["nodes"][1]["type"] = "MultiLoRANoSuchNode"
+    victim = next(n for n in broken["nodes"] if n["type"] == "MultiLoRAStack")
+    victim["type"] = "MultiLoRANoSuchNode"
     assert unknown_node_types(broken) == ["MultiLoRANoSuchNode"]
     with pytest.raises(WorkflowError, match="MultiLoRANoSuchNode"):
         ui_to_api(broken)
     assert unknown_node_types(workflow) == []  # the copy was broken, not the file
 
     # ComfyUI's own validator refuses it as well (nothing executes).
-    prompt = scaled_for_test(ui_to_api(workflow), demo_files, "test_workflows/broken")
-    prompt[str(broken["nodes"][1]["id"])]["class_type"] = "MultiLoRANoSuchNode"
+    prompt = ui_to_api(workflow)
+    prompt[str(victim["id"])]["class_type"] = "MultiLoRANoSuchNode"
     with pytest.raises(PromptFailed, match="MultiLoRANoSuchNode"):
         run_prompt(prompt)
+
+
+def test_ui_to_api_maps_widgets_in_frontend_order():
+    workflow = load(os.path.join(WORKFLOWS_DIR, "multilora_switch.json"))
+    by_type = {n["type"]: str(n["id"]) for n in workflow["nodes"]}
+    prompt = ui_to_api(workflow)
+    sampler = prompt[by_type["MultiLoRASwitchSampler"]]["inputs"]
+    assert sampler == {  # the saved "fixed" after the seed is the frontend's control widget, not sent
+        "seed": 42, "steps": 20, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0,
+        "switch_every": 5, "model": [by_type["CheckpointLoaderSimple"], 0], "lora_stack": [by_type["MultiLoRAStack"], 0],
+        "positive": [sampler["positive"][0], 0], "negative": [sampler["negative"][0], 0],
+        "latent_image": [by_type["EmptyLatentImage"], 0],
+    }
+    stack = prompt[by_type["MultiLoRAStack"]]["inputs"]
+    assert len(stack) == 1 + 10 * 7 and stack["rows"] == 3
+    assert {k: stack[f"{k}_2"] for k in ("lora", "on", "strength_model", "strength_clip", "category", "concept")} == {
+        "lora": "demo_style.safetensors", "on": True, "strength_model": 0.8, "strength_clip": 0.8,
+        "category": "style", "concept": "oil painting"}
+    assert stack["lora_10"] == "None"
+    assert prompt[by_type["MultiLoRAApplyStack"]]["inputs"] == {
+        "lora_stack": [by_type["MultiLoRAStack"], 0], "clip": [by_type["CheckpointLoaderSimple"], 1]}
 
 
 def test_ui_to_api_skips_bypassed_and_muted_nodes():
     workflow = load(os.path.join(WORKFLOWS_DIR, "multilora_merge.json"))
     by_type = {n["type"]: n for n in workflow["nodes"]}
-    plain = ui_to_api(workflow)
-    sampler = sampler_id(plain)
-    assert plain[sampler]["inputs"]["seed"] == 42 and "control_after_generate" not in plain[sampler]["inputs"]
+    sampler = sampler_id(ui_to_api(workflow))
 
     bypassed = copy.deepcopy(workflow)
     next(n for n in bypassed["nodes"] if n["type"] == "MultiLoRAApplyStack")["mode"] = 4
@@ -204,3 +224,14 @@ def test_ui_to_api_skips_bypassed_and_muted_nodes():
     muted = copy.deepcopy(workflow)
     next(n for n in muted["nodes"] if n["type"] == "SaveImage")["mode"] = 2
     assert "SaveImage" not in {n["class_type"] for n in ui_to_api(muted).values()}
+
+
+def test_ui_to_api_fills_defaults_for_widgets_missing_from_an_older_save():
+    workflow = load(os.path.join(WORKFLOWS_DIR, "multilora_composite.json"))
+    sampler = next(n for n in workflow["nodes"] if n["type"] == "MultiLoRACompositeSampler")
+    sampler["widgets_values"] = sampler["widgets_values"][:-1]  # saved before 'weighting' existed
+    inputs = ui_to_api(workflow)[str(sampler["id"])]["inputs"]
+    assert inputs["weighting"] == "uniform" and inputs["denoise"] == 1.0
+    sampler["widgets_values"] = sampler["widgets_values"] + ["uniform", "extra"]
+    with pytest.raises(WorkflowError, match="widget values"):
+        ui_to_api(workflow)
