@@ -134,13 +134,15 @@ def time_method(make_model, kind, steps, repeats):
             "peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
 
 
-def run_model(kind, ml, steps, repeats, ks, folder):
+def run_model(kind, ml, steps, repeats, ks, folder, partial=None):
     import comfy.sd
     import comfy.utils
     import comfy.model_management
     import folder_paths
+    t0 = time.perf_counter()
     patcher = build_unet(kind)
     names, layers = write_loras(patcher, max(ks), folder)
+    print(f"built {kind} and {len(names)} LoRAs in {time.perf_counter() - t0:.1f}s", flush=True)
     folder_paths.add_model_folder_path("loras", folder, is_default=True)
     stack = ml("stack")
     methods = ml("methods")
@@ -162,6 +164,9 @@ def run_model(kind, ml, steps, repeats, ks, folder):
         entry = {"model": kind, "method": method, "k": k, **time_method(make, kind, steps, repeats)}
         results.append(entry)
         print(json.dumps(entry), flush=True)
+        if partial:
+            with open(partial, "a") as f:
+                f.write(json.dumps(entry) + "\n")
         return entry
 
     plain = record("plain KSampler (no LoRA)", 0, lambda: patcher)
@@ -202,7 +207,9 @@ def main():
             "python": platform.python_version(), "steps": args.steps, "repeats": args.repeats,
             "sampler": "euler/normal, cfg 7, fp16, seed 42", "lora": "kohya rank 16, alpha 16"}
     for kind in args.models:
-        results, layers = run_model(kind, ml, args.steps, args.repeats, args.ks, folder)
+        os.makedirs(args.out, exist_ok=True)
+        results, layers = run_model(kind, ml, args.steps, args.repeats, args.ks, folder,
+                                    os.path.join(args.out, f"partial-{kind}.jsonl"))
         meta[f"{kind}_lora_layers"] = layers
         all_results += results
     os.makedirs(args.out, exist_ok=True)
