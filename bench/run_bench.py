@@ -134,7 +134,7 @@ def time_method(make_model, kind, steps, repeats):
             "peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
 
 
-def run_model(kind, ml, steps, repeats, ks, folder, partial=None):
+def run_model(kind, ml, steps, repeats, ks, folder, partial=None, sequential_ks=(2, 4)):
     import comfy.sd
     import comfy.utils
     import comfy.model_management
@@ -179,7 +179,7 @@ def run_model(kind, ml, steps, repeats, ks, folder, partial=None):
         for method, make in (("LoRA Switch", lambda: methods.switch_model(patcher, rows(k), 5, "bench")),
                              ("LoRA Composite", lambda: methods.composite_model(patcher, rows(k), None, "bench")),
                              ("LoRA Composite, sequential branches", lambda: methods.composite_model(patcher, rows(k), None, "bench", batched=False))):
-            if "sequential" in method and k not in (2, 4):
+            if "sequential" in method and k not in sequential_ks:
                 continue
             e = record(method, k, make)
             e["ratio"] = round(e["s_per_image"] / base["s_per_image"], 3)
@@ -197,6 +197,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--ks", nargs="+", type=int, default=[1, 2, 4, 8])
     parser.add_argument("--out", default=os.path.join(REPO, "bench", "results"))
+    parser.add_argument("--sequential-ks", nargs="*", type=int, default=[2, 4],
+                        help="k values at which Composite also runs with one UNet call per LoRA")
     args = parser.parse_args()
     ml = boot_comfy()
     import torch
@@ -209,7 +211,7 @@ def main():
     for kind in args.models:
         os.makedirs(args.out, exist_ok=True)
         results, layers = run_model(kind, ml, args.steps, args.repeats, args.ks, folder,
-                                    os.path.join(args.out, f"partial-{kind}.jsonl"))
+                                    os.path.join(args.out, f"partial-{kind}.jsonl"), tuple(args.sequential_ks))
         meta[f"{kind}_lora_layers"] = layers
         all_results += results
     os.makedirs(args.out, exist_ok=True)

@@ -135,15 +135,17 @@ def fuse_layer(spec: LayerSpec, lowrank: list[LowRankPart], dense: list[DensePar
     return LayerDeltas(spec, down_cat, up_cat, column_lora, dense, loras, column_key)
 
 
-def merged_delta(deltas: LayerDeltas, weights: "list[float]") -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(ΔW, Δb) in float32 of the whole layer for one LoRA weight vector w: B_cat·diag(w_col)·A_cat + Σ w_i ΔW_i."""
+def merged_delta(deltas: LayerDeltas, weights: "list[float]", device: torch.device | str = "cpu"
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(ΔW, Δb) in float32 on ``device`` for one LoRA weight vector w: B_cat·diag(w_col)·A_cat + Σ w_i ΔW_i."""
     spec = deltas.spec
     delta_w = delta_b = None
-    if deltas.down_cat is not None:
-        column_weights = torch.tensor([weights[i] for i in deltas.column_key], dtype=torch.float32)
-        product = (deltas.up_cat * column_weights) @ deltas.down_cat.flatten(1)
+    down, up, _, dense = deltas.cast(torch.device(device), torch.float32)
+    if down is not None:
+        column_weights = torch.tensor([weights[i] for i in deltas.column_key], dtype=torch.float32, device=up.device)
+        product = (up * column_weights) @ down.flatten(1)
         delta_w = product.reshape(spec.weight_shape)
-    for part in deltas.dense:
+    for part in dense:
         w = weights[part.lora]
         if w == 0:
             continue

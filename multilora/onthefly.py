@@ -50,6 +50,8 @@ class OnTheFlyLoras:
         self.calls = 0
         self.merge_uniform = True
         self._merged: tuple[float, ...] | None = None
+        self._last_vector: tuple[float, ...] | None = None
+        self._mergeable_cache: dict[int, bool] = {}
         self._backups: dict[str, tuple[torch.nn.Parameter, torch.Tensor, torch.nn.Parameter | None, torch.Tensor | None]] = {}
         self.merges = 0
 
@@ -123,11 +125,15 @@ class OnTheFlyLoras:
 
     # --- merged fast path ----------------------------------------------------------------------------
     def _mergeable(self, base_model) -> bool:
-        for path in self.layers:
-            weight = getattr(comfy.utils.get_attr(base_model, path), "weight", None)
-            if weight is None or weight.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-                return False
-        return True
+        """Every targeted weight is a plain float tensor (not fp8/quantized): checked once per model."""
+        cached = self._mergeable_cache.get(id(base_model))
+        if cached is None:
+            cached = all(
+                getattr(comfy.utils.get_attr(base_model, path), "weight", None) is not None
+                and comfy.utils.get_attr(base_model, path).weight.dtype in (torch.float16, torch.bfloat16, torch.float32)
+                for path in self.layers)
+            self._mergeable_cache = {id(base_model): cached}
+        return cached
 
     def merge_weights(self, base_model, vector: tuple[float, ...]) -> None:
         """Make every targeted layer hold W₀ + Σ_i vector_i ΔW_i (W₀ backed up on first change)."""
@@ -141,11 +147,11 @@ class OnTheFlyLoras:
                     self._backups[path] = (module.weight, module.weight.detach().clone(),
                                            bias, None if bias is None else bias.detach().clone())
                 weight, original, bias, original_bias = self._backups[path]
-                delta_w, delta_b = merged_delta(deltas, list(vector))
+                delta_w, delta_b = merged_delta(deltas, list(vector), original.device)
                 if delta_w is None:
                     weight.copy_(original)
                 else:
-                    weight.copy_((original.float() + delta_w.to(original.device)).to(original.dtype))
+                    weight.copy_((original.float() + delta_w).to(original.dtype))
                 if bias is not None:
                     if delta_b is None:
                         bias.copy_(original_bias)
@@ -166,6 +172,7 @@ class OnTheFlyLoras:
                     bias.copy_(original_bias)
         self._backups.clear()
         self._merged = None
+        self._last_vector = None
 
     # --- ModelPatcher wrappers ------------------------------------------------------------------------
     def _outer_sample_wrapper(self, executor, *args, **kwargs):
@@ -180,9 +187,13 @@ class OnTheFlyLoras:
         rows = self.row_weights_for(routing.chunk_weights(cond_or_uncond, transformer_options), x.shape[0])
         self.calls += 1
         base_model = executor.class_obj
-        uniform = bool((rows == rows[0]).all())
-        if self.merge_uniform and uniform and self._attached and self._mergeable(base_model):
-            self.merge_weights(base_model, tuple(float(v) for v in rows[0]))
+        vector = tuple(float(v) for v in rows[0]) if bool((rows == rows[0]).all()) else None
+        # Merge only once the same uniform vector comes twice in a row: Switch merges once per switch,
+        # while calls that alternate LoRAs (sequential branches) stay on the hooks instead of thrashing.
+        repeat = vector is not None and (vector == self._merged or vector == self._last_vector)
+        self._last_vector = vector
+        if self.merge_uniform and repeat and self._attached and self._mergeable(base_model):
+            self.merge_weights(base_model, vector)
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         if self._merged is not None:
             self.merge_weights(base_model, (0.0,) * self.count)
