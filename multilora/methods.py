@@ -57,7 +57,7 @@ class CompositeBranches:
             return fuse_branches(outputs, len(conds), self.weights)
         per_lora = []
         for i in range(self.engine.count):
-            options["transformer_options"][ROUTING_KEY] = SameForAll(one_hot(i, self.engine.count))
+            options["transformer_options"][ROUTING_KEY] = SameForAll(one_hot(i, self.engine.count), stable=False)
             per_lora.append(executor(model, list(conds), x_in, timestep, options))
         outputs = [per_lora[i][j] for j in range(len(conds)) for i in range(self.engine.count)]
         return fuse_branches(outputs, len(conds), self.weights)

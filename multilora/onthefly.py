@@ -188,9 +188,10 @@ class OnTheFlyLoras:
         self.calls += 1
         base_model = executor.class_obj
         vector = tuple(float(v) for v in rows[0]) if bool((rows == rows[0]).all()) else None
-        # Merge only once the same uniform vector comes twice in a row: Switch merges once per switch,
-        # while calls that alternate LoRAs (sequential branches) stay on the hooks instead of thrashing.
-        repeat = vector is not None and (vector == self._merged or vector == self._last_vector)
+        # Merge a uniform vector at once when the routing says it is stable (Switch, a plain stack), else
+        # once it comes twice in a row; calls that alternate LoRAs stay on the hooks instead of thrashing.
+        repeat = vector is not None and (vector == self._merged or vector == self._last_vector
+                                         or getattr(routing, "stable", False))
         self._last_vector = vector
         if self.merge_uniform and repeat and self._attached and self._mergeable(base_model):
             self.merge_weights(base_model, vector)

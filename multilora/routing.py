@@ -50,9 +50,13 @@ class Routing(Protocol):
 
 @dataclass(frozen=True)
 class SameForAll:
-    """Every chunk of every call gets the same LoRA weights (plain on-the-fly application)."""
+    """Every chunk of every call gets the same LoRA weights (plain on-the-fly application).
+
+    ``stable``: the vector stays the same over many calls, so the engine may merge it into the weights
+    at once (False for routings that change every call)."""
 
     weights: Weights
+    stable: bool = True
 
     def chunk_weights(self, cond_or_uncond: Sequence[int], transformer_options: Mapping) -> list[Weights]:
         return [self.weights] * len(cond_or_uncond)
@@ -94,6 +98,7 @@ class SwitchRouting:
 
     count: int
     every: int
+    stable: bool = True  # one LoRA for τ steps: worth merging into the weights
 
     def active_for(self, transformer_options: Mapping) -> int:
         sigma = sigma_of_call(transformer_options)
