@@ -135,18 +135,23 @@ def fuse_layer(spec: LayerSpec, lowrank: list[LowRankPart], dense: list[DensePar
     return LayerDeltas(spec, down_cat, up_cat, column_lora, dense, loras, column_key)
 
 
-def merged_delta(deltas: LayerDeltas, weights: "list[float]", device: torch.device | str = "cpu"
+def merged_delta(deltas: LayerDeltas, weights: "list[float] | torch.Tensor", device: torch.device | str = "cpu"
                  ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(ΔW, Δb) in float32 on ``device`` for one LoRA weight vector w: B_cat·diag(w_col)·A_cat + Σ w_i ΔW_i."""
+    """(ΔW, Δb) in float32 on ``device`` for one LoRA weight vector w: B_cat·diag(w_col)·A_cat + Σ w_i ΔW_i.
+
+    ``weights`` may be a float32 tensor already on ``device`` (no host round trip per layer)."""
     spec = deltas.spec
     delta_w = delta_b = None
-    down, up, _, dense = deltas.cast(torch.device(device), torch.float32)
+    down, up, column_lora, dense = deltas.cast(torch.device(device), torch.float32)
     if down is not None:
-        column_weights = torch.tensor([weights[i] for i in deltas.column_key], dtype=torch.float32, device=up.device)
+        if isinstance(weights, torch.Tensor):
+            column_weights = weights.index_select(0, column_lora)
+        else:
+            column_weights = torch.tensor([weights[i] for i in deltas.column_key], dtype=torch.float32, device=up.device)
         product = (up * column_weights) @ down.flatten(1)
         delta_w = product.reshape(spec.weight_shape)
     for part in dense:
-        w = weights[part.lora]
+        w = float(weights[part.lora])
         if w == 0:
             continue
         if part.weight is not None:

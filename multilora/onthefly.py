@@ -139,6 +139,7 @@ class OnTheFlyLoras:
         """Make every targeted layer hold W₀ + Σ_i vector_i ΔW_i (W₀ backed up on first change)."""
         if vector == self._merged:
             return
+        on_device: dict = {}
         with torch.inference_mode():
             for path, deltas in self.layers.items():
                 module = comfy.utils.get_attr(base_model, path)
@@ -147,11 +148,16 @@ class OnTheFlyLoras:
                     self._backups[path] = (module.weight, module.weight.detach().clone(),
                                            bias, None if bias is None else bias.detach().clone())
                 weight, original, bias, original_bias = self._backups[path]
-                delta_w, delta_b = merged_delta(deltas, list(vector), original.device)
+                device_vector = on_device.get(original.device)
+                if device_vector is None:
+                    device_vector = torch.tensor(vector, dtype=torch.float32, device=original.device)
+                    on_device[original.device] = device_vector
+                weights = device_vector if not deltas.dense else list(vector)
+                delta_w, delta_b = merged_delta(deltas, weights, original.device)
                 if delta_w is None:
                     weight.copy_(original)
                 else:
-                    weight.copy_((original.float() + delta_w).to(original.dtype))
+                    weight.copy_(original.float().add_(delta_w))
                 if bias is not None:
                     if delta_b is None:
                         bias.copy_(original_bias)
