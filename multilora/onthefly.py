@@ -157,7 +157,7 @@ class OnTheFlyLoras:
                 if delta_w is None:
                     weight.copy_(original)
                 else:
-                    weight.copy_(original.float().add_(delta_w))
+                    weight.copy_(original.float() + delta_w)  # .float() may alias an fp32 backup: no in-place
                 if bias is not None:
                     if delta_b is None:
                         bias.copy_(original_bias)
