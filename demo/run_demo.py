@@ -63,7 +63,14 @@ def main() -> int:
         engine = engine_mod.build_engine(model, stack.active(), "demo")
         return engine_mod.clone_with_engine(model, engine)
 
-    methods = {"no LoRA": lambda: model, "Merge": merge, "on-the-fly (all LoRAs)": on_the_fly}
+    methods_mod = pack_module("multilora.methods")
+    methods = {
+        "no LoRA": lambda: model,
+        "Merge": merge,
+        "on-the-fly (all LoRAs)": on_the_fly,
+        "LoRA Switch": lambda: methods_mod.switch_model(model, stack.active(), 5, "demo"),
+        "LoRA Composite": lambda: methods_mod.composite_model(model, stack.active(), None, "demo"),
+    }
     os.makedirs(out_dir, exist_ok=True)
     results, images = [], []
     for label, make_model in methods.items():
@@ -73,7 +80,7 @@ def main() -> int:
                                         positive, negative, latent)[0]["samples"]
         seconds = time.perf_counter() - start
         image = latent_to_image(samples)
-        file_name = label.split(" ")[0].lower().replace("-", "_") + ".png"
+        file_name = "_".join(label.replace("(", "").replace(")", "").lower().split()[:2]).replace("-", "_") + ".png"
         image.save(os.path.join(out_dir, file_name))
         images.append(image)
         results.append({"method": label, "seconds": round(seconds, 3), "image": file_name})
