@@ -15,3 +15,7 @@ class LoraFileError(MultiLoRAError):
 
 class UnsupportedAdapterError(MultiLoRAError):
     """A LoRA patches a layer type or in a way the on-the-fly engine cannot apply."""
+
+
+class ConceptNotFoundError(MultiLoRAError):
+    """A CLoRA concept word does not occur in the prompt it must be found in."""

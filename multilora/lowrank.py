@@ -73,16 +73,27 @@ class LayerDeltas:
     _cast: dict = field(default_factory=dict, repr=False)
 
     def cast(self, device: torch.device, dtype: torch.dtype) -> tuple:
-        """Factors on the compute device/dtype, converted once per (device, dtype)."""
-        key = (device, dtype)
+        """Factors on the compute device/dtype, converted once per (device, dtype).
+
+        Under autograd outside inference mode (CLoRA's latent gradient) the factors are separate copies:
+        tensors made inside ComfyUI's inference mode cannot be saved for backward."""
+        grad = torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+        key = (device, dtype, grad)
         cached = self._cast.get(key)
         if cached is None:
             def to(t):
-                return None if t is None else t.to(device=device, dtype=dtype)
+                if t is None:
+                    return None
+                moved = t.to(device=device, dtype=dtype)
+                return moved.clone() if grad and moved.is_inference() else moved
+
+            def to_index(t):
+                moved = t.to(device)
+                return moved.clone() if grad and moved.is_inference() else moved
             cached = (
                 to(self.down_cat),
                 to(self.up_cat),
-                None if self.column_lora is None else self.column_lora.to(device),
+                None if self.column_lora is None else to_index(self.column_lora),
                 [DensePart(p.lora, to(p.weight), to(p.bias)) for p in self.dense],
             )
             self._cast[key] = cached

@@ -12,7 +12,7 @@ routing = load_pure("routing")
 lowrank = load_pure("lowrank")
 errors = load_pure("errors")
 
-PURE = ("stack", "routing", "lowrank", "errors", "fusion")
+PURE = ("stack", "routing", "lowrank", "errors", "fusion", "prompt_tokens", "contrastive", "clora_masks")
 HOST_MODULES = ("comfy", "comfy_api", "comfy_extras", "folder_paths", "nodes", "server", "execution",
                 "latent_preview", "node_helpers")
 

@@ -1,7 +1,8 @@
 """The pack inside ComfyUI's real node loader."""
 import nodes
 
-EXPECTED_NODES = {"MultiLoRAStack", "MultiLoRAApplyStack"}
+EXPECTED_NODES = {"MultiLoRAStack", "MultiLoRAApplyStack", "MultiLoRASwitchSampler", "MultiLoRACompositeSampler",
+                  "MultiLoRASwitch", "MultiLoRACompositeGuider", "MultiLoRACLoRASampler", "MultiLoRAMaskPreview"}
 
 
 def test_all_node_ids_registered_without_warnings(comfy_state):

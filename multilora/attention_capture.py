@@ -1,0 +1,126 @@
+"""Cross-attention capture for CLoRA (Meral et al. 2024, arXiv 2403.19776, §3.2): per-token attention
+probabilities A = softmax(q·kᵀ/√d) for the concept tokens only, at the cross-attention layers whose
+resolution is latent/4 (SD1.5 512²: 16×16; SDXL 1024²: 32×32), averaged over heads and layers, for the
+conditional chunks only.
+
+The attn2 replacement returns ComfyUI's own optimized attention for every call, so outputs are those of the
+stock model; only at the chosen resolution does it also compute the (small) logits q·kᵀ of the conditional
+chunks to record the columns of the concept tokens. Host module.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+import comfy.ldm.modules.attention as comfy_attention
+import comfy.patcher_extension
+
+from .errors import MultiLoRAError
+
+
+class CrossAttentionRequired(MultiLoRAError):
+    """The model has no UNet cross-attention (DiT families)."""
+
+
+def cross_attention_sites(diffusion_model) -> list[tuple[str, int, int]]:
+    """Every (block, number, transformer_index) of a UNet's cross-attention layers, as ComfyUI keys them."""
+    sites: list[tuple[str, int, int]] = []
+    groups = (("input", getattr(diffusion_model, "input_blocks", None)),
+              ("middle", [getattr(diffusion_model, "middle_block", None)]),
+              ("output", getattr(diffusion_model, "output_blocks", None)))
+    for name, blocks in groups:
+        if blocks is None:
+            continue
+        for number, block in enumerate(blocks):
+            if block is None:
+                continue
+            for layer in block:
+                transformer_blocks = getattr(layer, "transformer_blocks", None)
+                if transformer_blocks is None:
+                    continue
+                for index, tb in enumerate(transformer_blocks):
+                    if getattr(tb, "attn2", None) is not None:
+                        sites.append((name, 0 if name == "middle" else number, index))
+    return sites
+
+
+@dataclass
+class ConceptAttention:
+    """attn2 replacement recording concept-token attention maps.
+
+    ``columns``: cond index (position in the guider's cond list) → token positions to record; chunks of other
+    cond indices (unconditional ones) are not recorded. ``maps[cond_index]`` collects one [rows, H·W, T]
+    tensor per captured layer call; ``size`` is the (H, W) of the captured level.
+    """
+
+    size: tuple[int, int]
+    columns: dict[int, list[int]]
+    enabled: bool = True
+    maps: dict[tuple[int, int], dict[int, list[torch.Tensor]]] = field(default_factory=dict)
+
+    def reset(self) -> None:
+        self.maps = {}
+
+    def _wanted(self, size: tuple[int, int]) -> bool:
+        # latent/4 is the paper's level; up to latent/2 is kept too so that shallow UNets without a
+        # latent/4 level (tiny test models, unusual fine-tunes) still yield maps at their coarsest level.
+        return size[0] * size[1] <= 4 * self.size[0] * self.size[1]
+
+    def __call__(self, q, k, v, extra_options):
+        heads = extra_options["n_heads"]
+        out = comfy_attention.optimized_attention(q, k, v, heads, attn_precision=extra_options.get("attn_precision"))
+        shape = extra_options.get("activations_shape")
+        if not self.enabled or shape is None or not self._wanted(tuple(shape[-2:])):
+            return out
+        level = self.maps.setdefault(tuple(int(d) for d in shape[-2:]), {})
+        chunks = extra_options.get("cond_or_uncond") or [0]
+        rows = q.shape[0] // len(chunks)
+        dim = q.shape[-1] // heads
+        for c, cond_index in enumerate(chunks):
+            positions = self.columns.get(int(cond_index))
+            if not positions:
+                continue
+            qc = q[c * rows:(c + 1) * rows].reshape(rows, -1, heads, dim).transpose(1, 2).float()
+            kc = k[c * rows:(c + 1) * rows].reshape(rows, -1, heads, dim).transpose(1, 2).float()
+            probs = torch.softmax(qc @ kc.transpose(-1, -2) * dim ** -0.5, dim=-1)
+            index = torch.tensor(positions, device=probs.device)
+            level.setdefault(int(cond_index), []).append(probs.index_select(-1, index).mean(1))
+        return out
+
+    def level(self) -> tuple[int, int] | None:
+        """The captured level used: latent/4 when the model has it, else the coarsest level recorded."""
+        if tuple(self.size) in self.maps:
+            return tuple(self.size)
+        return min(self.maps, key=lambda hw: hw[0] * hw[1]) if self.maps else None
+
+    def averaged(self, cond_index: int) -> torch.Tensor | None:
+        """[rows, T, H, W]: the mean over captured layers of one cond's maps, reshaped with the layer's (H, W)."""
+        size = self.level()
+        recorded = self.maps.get(size, {}).get(cond_index) if size else None
+        if not recorded:
+            return None
+        mean = torch.stack(recorded).mean(0)  # [rows, H·W, T]
+        height, width = size
+        return mean.transpose(1, 2).reshape(mean.shape[0], mean.shape[2], height, width)
+
+
+def install_capture(model_options: dict, diffusion_model, capture: ConceptAttention) -> None:
+    """Put ``capture`` on every cross-attention site in (a copy of) model_options' patches_replace."""
+    sites = cross_attention_sites(diffusion_model)
+    if not sites:
+        raise CrossAttentionRequired(
+            "CLoRA: this model has no UNet cross-attention (Flux, SD3 and other DiT models are not supported). "
+            "Use an SD1.x, SD2.x or SDXL checkpoint.")
+    transformer_options = model_options.setdefault("transformer_options", {})
+    replace = dict(transformer_options.get("patches_replace", {}))
+    attn2 = dict(replace.get("attn2", {}))
+    for site in sites:
+        attn2[site] = capture
+    replace["attn2"] = attn2
+    transformer_options["patches_replace"] = replace
+
+
+def capture_size(latent_height: int, latent_width: int) -> tuple[int, int]:
+    """The (H, W) of the latent/4 level: two 2× downsamplings of the latent (SPEC §3.3)."""
+    return (-(-latent_height // 4), -(-latent_width // 4))

@@ -1,0 +1,335 @@
+"""CLoRA (Meral et al. 2024, arXiv 2403.19776) on the on-the-fly engine: SPEC §3.
+
+Variants v = 0..K share one batched UNet call per step: variant 0 is the base prompt with no concept LoRA,
+variant i the prompt with concept i decorated by its trigger, LoRA i on the UNet (and on CLIP for its
+prompt); style rows are global (every variant, never masked). At the latent/4 cross-attention layers the
+concept tokens' attention maps are captured from the conditional chunks.
+
+- Latent update (steps i < opt_until·N): L = NT-Xent over the concept groups' maps (τ_c = 0.5); the step
+  size α is defined for the VP latent z = x/√(1+σ²), so in ComfyUI's σ-space x ← x − α·(1+σ²)·∇ₓL.
+  Extra ``refine_iters`` iterations at steps ⌊{0, 0.2, 0.4}·N⌋. Predictions are recomputed after the update.
+- Fusion: Mask_i = ∪ tokens [A ≥ λ·max A] of variant i's maps, nearest-resized to the latent; the base
+  variant has a full mask, so each pixel averages the base and the variants covering it, and pixels no
+  concept covers keep the base prediction; applied to cond and uncond separately, then CFG.
+Multistep/ancestral samplers restart their history after each updated step of the optimisation phase.
+Host module.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+import comfy.model_management
+import comfy.model_patcher
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+
+from .attention_capture import ConceptAttention, CrossAttentionRequired, capture_size, cross_attention_sites, install_capture
+from .clora_masks import check_threshold, fuse_with_masks, masks_from_maps
+from .contrastive import concept_contrastive_loss, normalize_maps
+from .engine import build_engine
+from .merge import merge_rows
+from .prompt_tokens import concept_positions, decorate_prompt
+from .errors import MultiLoRAError
+from .onthefly import ROUTING_KEY, OnTheFlyLoras
+from .routing import ByCondIndex, sample_sigmas_of_call, sigma_of_call, step_index
+from .stack import LoraRow
+
+NODE = "CLoRA"
+
+
+@dataclass
+class Variant:
+    """One prompt variant: its conds, the token positions of each concept group inside its prompt."""
+
+    prompt: str
+    positive: list
+    negative: list
+    groups: dict[int, list[int]]  # concept index → token positions in this variant's prompt
+
+
+@dataclass
+class CloraSettings:
+    cfg: float
+    mask_threshold: float = 0.4
+    temperature: float = 0.5
+    step_size: float = 20.0
+    opt_until: float = 0.5
+    refine_iters: int = 20
+    refine_at: tuple[float, ...] = (0.0, 0.2, 0.4)
+    apply_mask_after: int = 0
+
+
+@dataclass
+class CloraRecord:
+    """What the preview node needs: per step, per concept, the token maps [T_g, h, w] (batch item 0)."""
+
+    labels: list[str]
+    latent_size: tuple[int, int]
+    steps: list[list[torch.Tensor]] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    final_masks: torch.Tensor | None = None
+
+
+def split_rows(rows: Sequence[LoraRow]) -> tuple[list[LoraRow], list[LoraRow]]:
+    """(concept rows, global style rows); CLoRA needs at least two LoRAs with concept words."""
+    style = [r for r in rows if r.category == "style"]
+    concepts = [r for r in rows if r.category != "style"]
+    missing = [r.name for r in concepts if not r.concept_words()]
+    if missing:
+        raise MultiLoRAError(f"CLoRA: LoRA '{missing[0]}' has no concept word. Fill in the row's 'concept' "
+                             "with the word of the prompt it should draw (or set its category to 'style').")
+    if len(concepts) < 2:
+        raise MultiLoRAError(f"CLoRA: needs at least 2 LoRAs with concept words, the stack has {len(concepts)}. "
+                             "Add rows with a concept word each (style rows are global and do not count).")
+    return concepts, style
+
+
+def routing_table(concepts: int, style: int) -> ByCondIndex:
+    """cond index 2v (cond) and 2v+1 (uncond) of variant v → LoRA weights: its concept LoRA + every style row."""
+    count = concepts + style
+    table = {}
+    for v in range(concepts + 1):
+        weights = [0.0] * concepts + [1.0] * style
+        if v > 0:
+            weights[v - 1] = 1.0
+        table[2 * v] = table[2 * v + 1] = tuple(weights)
+    return ByCondIndex(table, (0.0,) * count)
+
+
+def refine_steps(steps: int, fractions: Sequence[float]) -> set[int]:
+    """Steps with extra refinement iterations: ⌊f·N⌋ for each fraction (SPEC: 0, 10, 20 of 50)."""
+    return {int(f * steps) for f in fractions}
+
+
+@contextlib.contextmanager
+def gradient_ready(diffusion_model: torch.nn.Module):
+    """Autograd through ComfyUI's ops: per-forward copies of every weight and bias (an identity weight/bias
+    function forces ComfyUI's cast path to copy), parameters frozen; all undone in ``finally``."""
+    def identity(t):
+        return t
+    touched = []
+    frozen = []
+    try:
+        for module in diffusion_model.modules():
+            if isinstance(getattr(module, "weight_function", None), list):
+                module.weight_function.append(identity)
+                module.bias_function.append(identity)
+                touched.append(module)
+        for p in diffusion_model.parameters():
+            if p.requires_grad:
+                frozen.append(p)
+        with torch.inference_mode():
+            for p in frozen:
+                p.requires_grad_(False)
+        yield
+    finally:
+        for module in touched:
+            module.weight_function.remove(identity)
+            module.bias_function.remove(identity)
+        with torch.inference_mode():
+            for p in frozen:
+                p.requires_grad_(True)
+
+
+class CloraGuider(comfy.samplers.CFGGuider):
+    """Masked fusion of K+1 prompt variants (one batched UNet call per step) plus the contrastive update."""
+
+    def __init__(self, model_patcher, engine: OnTheFlyLoras, variants: list[Variant], settings: CloraSettings,
+                 record: CloraRecord):
+        super().__init__(model_patcher)
+        self.engine = engine
+        self.variants = variants
+        self.settings = settings
+        self.record = record
+        self.routing = routing_table(len(variants) - 1, engine.count - (len(variants) - 1))
+        conds = {}
+        for v, variant in enumerate(variants):
+            conds[f"c{v}"] = variant.positive
+            conds[f"u{v}"] = variant.negative
+        self.inner_set_conds(conds)
+        self.cfg = settings.cfg
+
+    def _cond_list(self, with_uncond: bool = True) -> list:
+        out = []
+        for v in range(len(self.variants)):
+            out.append(self.conds[f"c{v}"])
+            out.append(self.conds[f"u{v}"] if with_uncond else None)
+        return out
+
+    def _options(self, model_options: dict, capture: ConceptAttention) -> dict:
+        options = comfy.model_patcher.create_model_options_clone(model_options)
+        options["transformer_options"] = dict(options.get("transformer_options", {}))
+        options["transformer_options"][ROUTING_KEY] = self.routing
+        install_capture(options, self.model_patcher.model.diffusion_model, capture)
+        return options
+
+    def _capture(self, x: torch.Tensor) -> ConceptAttention:
+        columns = {2 * v: [p for g in sorted(var.groups) for p in var.groups[g]] for v, var in enumerate(self.variants)}
+        return ConceptAttention(capture_size(x.shape[-2], x.shape[-1]), columns)
+
+    def concept_maps(self, capture: ConceptAttention) -> list[list[torch.Tensor]]:
+        """Per concept g: the [rows, T, h, w] maps of its tokens in every variant where they occur."""
+        groups: list[list[torch.Tensor]] = [[] for _ in range(len(self.variants) - 1)]
+        for v, variant in enumerate(self.variants):
+            maps = capture.averaged(2 * v)
+            if maps is None:
+                continue
+            offset = 0
+            for g in sorted(variant.groups):
+                count = len(variant.groups[g])
+                groups[g].append(maps[:, offset:offset + count])
+                offset += count
+        return groups
+
+    def loss(self, x: torch.Tensor, timestep: torch.Tensor, model_options: dict) -> torch.Tensor:
+        """The contrastive loss at (x, σ) through the conditional branches of every variant."""
+        capture = self._capture(x)
+        options = self._options(model_options, capture)
+        comfy.samplers.calc_cond_batch(self.inner_model, self._cond_list(with_uncond=False), x, timestep, options)
+        groups = self.concept_maps(capture)
+        total = x.new_zeros(())
+        rows = x.shape[0]
+        for r in range(rows):
+            per_concept = [torch.cat([m[r] for m in g], dim=0) for g in groups]
+            total = total + concept_contrastive_loss(per_concept, self.settings.temperature)
+        return total / rows
+
+    def loss_gradient(self, x: torch.Tensor, sigma: torch.Tensor, model_options: dict) -> tuple[float, torch.Tensor]:
+        """(L, ∇ₓL) with autograd enabled inside ComfyUI's inference mode (ENV.md recipe)."""
+        with torch.inference_mode(False), torch.enable_grad(), gradient_ready(self.model_patcher.model.diffusion_model):
+            latent = x.detach().clone().requires_grad_(True)
+            value = self.loss(latent, sigma.detach().clone(), model_options)
+            (grad,) = torch.autograd.grad(value, latent)
+        return float(value.detach()), grad.detach()
+
+    def update_latent(self, x: torch.Tensor, sigma: torch.Tensor, iterations: int, model_options: dict) -> torch.Tensor:
+        """x ← x − α·(1+σ²)·∇ₓL, ``iterations`` times (α in VP-latent units, SPEC §3.5)."""
+        scale = self.settings.step_size * (1.0 + float(sigma.flatten()[0]) ** 2)
+        for _ in range(iterations):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            value, grad = self.loss_gradient(x, sigma, model_options)
+            self.record.losses.append(value)
+            x = x - scale * grad.to(x.dtype)
+        return x
+
+    def predict_noise(self, x, timestep, model_options={}, seed=None):
+        capture = self._capture(x)
+        options = self._options(model_options, capture)
+        outputs = comfy.samplers.calc_cond_batch(self.inner_model, self._cond_list(), x, timestep, options)
+        groups = self.concept_maps(capture)
+        sigma = sigma_of_call({"sigmas": timestep})
+        schedule = sample_sigmas_of_call(model_options.get("transformer_options", {}))
+        step = step_index(sigma, schedule) if schedule else 0
+        size = tuple(x.shape[-2:])
+        masks = torch.stack([masks_from_maps([torch.cat([m[r] for m in g], dim=0) for g in groups],
+                                            self.settings.mask_threshold, size) for r in range(x.shape[0])])
+        self.record.steps.append([normalize_maps(torch.cat([m[0] for m in g], dim=0).flatten(0, -3)).cpu() for g in groups])
+        self.record.final_masks = masks[0].cpu()
+        cond = [outputs[2 * v] for v in range(len(self.variants))]
+        uncond = [outputs[2 * v + 1] for v in range(len(self.variants))]
+        if step >= self.settings.apply_mask_after:
+            full = torch.ones_like(masks[:, :1])
+            weights = torch.cat([full, masks.to(full.dtype)], dim=1)  # the base variant covers every pixel
+            c = fuse_with_masks(cond[0], cond, weights)
+            u = fuse_with_masks(uncond[0], uncond, weights)
+        else:
+            c = torch.stack(cond).mean(0)
+            u = torch.stack(uncond).mean(0)
+        return comfy.samplers.cfg_function(self.inner_model, c, u, self.cfg, x, timestep, model_options=model_options)
+
+
+def clora_sampler(sampler_name: str, steps_total: int, settings: CloraSettings) -> comfy.samplers.KSAMPLER:
+    """A SAMPLER that runs ``sampler_name`` step by step through the optimisation phase, updating x first."""
+    base = comfy.samplers.sampler_object(sampler_name)
+    if not isinstance(base, comfy.samplers.KSAMPLER):
+        raise MultiLoRAError(f"CLoRA: sampler '{sampler_name}' is not supported; use a k-diffusion sampler "
+                             "(euler, euler_ancestral, heun, dpm_2, dpmpp_2m, dpmpp_sde, lms, …).")
+    function = base.sampler_function
+    extra = dict(base.extra_options)
+
+    def run(model, x, sigmas, extra_args=None, callback=None, disable=None):
+        guider = model.inner_model
+        n = len(sigmas) - 1
+        optimise = min(n, int(round(settings.opt_until * n)))
+        refine = refine_steps(n, settings.refine_at)
+        model_options = (extra_args or {}).get("model_options", {})
+
+        def shifted(offset):
+            if callback is None:
+                return None
+            return lambda d: callback({**d, "i": d["i"] + offset})
+
+        for i in range(optimise):
+            iterations = 1 + (settings.refine_iters if i in refine else 0)
+            x = guider.update_latent(x, sigmas[i:i + 1].expand(x.shape[0]), iterations, model_options)
+            x = function(model, x, sigmas[i:i + 2], extra_args=extra_args, callback=shifted(i), disable=True, **extra)
+        if optimise < n:
+            x = function(model, x, sigmas[optimise:], extra_args=extra_args, callback=shifted(optimise),
+                         disable=disable, **extra)
+        return x
+
+    return comfy.samplers.KSAMPLER(run, extra_options={}, inpaint_options=base.inpaint_options)
+
+
+def encode(clip, text: str) -> list:
+    """CONDITIONING for ``text`` exactly as core CLIPTextEncode makes it."""
+    return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+
+
+def build_variants(clip, prompt: str, negative: str, concepts: Sequence[LoraRow], style: Sequence[LoraRow]) -> list[Variant]:
+    """Variant 0 (base prompt) and one decorated variant per concept, each encoded with only its CLIP LoRAs."""
+    for row in concepts:  # every concept word must be in the base prompt: fail before any encoding
+        concept_positions(clip.tokenize, prompt, row.concept_words())
+    variants = []
+    for v in range(len(concepts) + 1):
+        text = prompt
+        lora_rows = list(style)
+        if v > 0:
+            row = concepts[v - 1]
+            if row.trigger_words():
+                for word in row.concept_words():
+                    text = decorate_prompt(text, word, row.trigger_words())
+            lora_rows = [row] + lora_rows
+        _, variant_clip = merge_rows(None, clip, lora_rows, NODE)
+        groups = {}
+        for g, row in enumerate(concepts):
+            words = list(row.concept_words()) + (list(row.trigger_words()) if v == g + 1 else [])
+            found = concept_positions(variant_clip.tokenize, text, words)
+            groups[g] = sorted({p for positions in found.values() for p in positions})
+        variants.append(Variant(text, encode(variant_clip, text), encode(variant_clip, negative), groups))
+    return variants
+
+
+def clora_sample(model, clip, prompt: str, negative: str, rows: Sequence[LoraRow], seed: int, steps: int,
+                 sampler_name: str, scheduler: str, latent: dict, denoise: float, settings: CloraSettings):
+    """Run CLoRA; returns (LATENT dict, CloraRecord). Inputs are not modified."""
+    check_threshold(settings.mask_threshold)
+    if not 0.0 <= settings.opt_until <= 1.0:
+        raise MultiLoRAError(f"CLoRA: opt_until must be in [0, 1], got {settings.opt_until}.")
+    if not cross_attention_sites(model.model.diffusion_model):
+        raise CrossAttentionRequired(
+            "CLoRA: this model has no UNet cross-attention (Flux, SD3 and other DiT models are not supported). "
+            "Use an SD1.x, SD2.x or SDXL checkpoint.")
+    concepts, style = split_rows(rows)
+    variants = build_variants(clip, prompt, negative, concepts, style)
+    engine = build_engine(model, list(concepts) + list(style), NODE)
+    clone = model.clone()
+    engine.install(clone)
+    latent_image = comfy.sample.fix_empty_latent_channels(clone, latent["samples"])
+    record = CloraRecord([r.name for r in concepts], tuple(latent_image.shape[-2:]))
+    guider = CloraGuider(clone, engine, variants, settings, record)
+    sigmas = comfy.samplers.KSampler(clone, steps, clone.load_device, sampler_name, scheduler, denoise).sigmas
+    noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
+    import latent_preview
+    callback = latent_preview.prepare_callback(clone, len(sigmas) - 1)
+    samples = guider.sample(noise, latent_image, clora_sampler(sampler_name, len(sigmas) - 1, settings), sigmas,
+                            denoise_mask=latent.get("noise_mask"), callback=callback,
+                            disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+    out = latent.copy()
+    out["samples"] = samples.to(comfy.model_management.intermediate_device())
+    return out, record
