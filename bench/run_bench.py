@@ -190,6 +190,60 @@ def run_model(kind, ml, steps, repeats, ks, folder, partial=None, sequential_ks=
     return results, layers
 
 
+def run_clora(kind, ml, steps, repeats, ks, folder, partial=None):
+    """CLoRA with k concept LoRAs, random variant conds (token positions fixed), SPEC defaults."""
+    import torch
+    import comfy.model_management
+    import comfy.sample
+    import comfy.samplers
+    import folder_paths
+    clora = ml("clora")
+    patcher = build_unet(kind)
+    names, layers = write_loras(patcher, max(ks), folder)
+    folder_paths.add_model_folder_path("loras", folder, is_default=True)
+    stack = ml("stack")
+    size = 64 if kind == "sd15" else 128
+    positive, negative = conds(kind)
+    results = []
+    for k in ks:
+        rows = [stack.LoraRow(n, 0.8, concept=f"w{i}") for i, n in enumerate(names[:k])]
+        engine = ml("engine").build_engine(patcher, rows, "bench")
+        clone = patcher.clone()
+        engine.install(clone)
+        gen = torch.Generator().manual_seed(3)
+        variants = []
+        for v in range(k + 1):
+            pos = [[positive[0][0] + 0.1 * torch.randn(positive[0][0].shape, generator=gen), dict(positive[0][1])]]
+            variants.append(clora.Variant("p", pos, negative, {g: [2 + 2 * g] for g in range(k)}))
+        settings = clora.CloraSettings(cfg=7.0)
+        latent = torch.zeros(1, 4, size, size)
+        noise = comfy.sample.prepare_noise(latent, 42)
+        sigmas = comfy.samplers.KSampler(clone, steps, clone.load_device, "euler", "normal", 1.0).sigmas
+        comfy.model_management.unload_all_models()
+        times = []
+        torch.cuda.reset_peak_memory_stats()
+        for r in range(repeats + 1):
+            record = clora.CloraRecord([str(i) for i in range(k)], (size, size))
+            guider = clora.CloraGuider(clone, engine, variants, settings, record)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            guider.sample(noise, latent, clora.clora_sampler("euler", steps, settings), sigmas, disable_pbar=True, seed=42)
+            torch.cuda.synchronize()
+            if r > 0:
+                times.append(time.perf_counter() - start)
+        median = statistics.median(times)
+        entry = {"model": kind, "method": f"CLoRA ({steps} steps, refine at 3 steps)", "k": k,
+                 "s_per_image": round(median, 3), "s_per_step": round(median / steps, 4),
+                 "peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2), "ratio": None,
+                 "loss_first_last": [round(record.losses[0], 4), round(record.losses[-1], 4)]}
+        results.append(entry)
+        print(json.dumps(entry), flush=True)
+        if partial:
+            with open(partial, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+    return results, layers
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", nargs="+", default=["sd15", "sdxl"])
@@ -197,6 +251,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--ks", nargs="+", type=int, default=[1, 2, 4, 8])
     parser.add_argument("--out", default=os.path.join(REPO, "bench", "results"))
+    parser.add_argument("--clora", action="store_true", help="time CLoRA (50 steps by default) instead")
     parser.add_argument("--sequential-ks", nargs="*", type=int, default=[2, 4],
                         help="k values at which Composite also runs with one UNet call per LoRA")
     args = parser.parse_args()
@@ -210,8 +265,12 @@ def main():
             "sampler": "euler/normal, cfg 7, fp16, seed 42", "lora": "kohya rank 16, alpha 16"}
     for kind in args.models:
         os.makedirs(args.out, exist_ok=True)
-        results, layers = run_model(kind, ml, args.steps, args.repeats, args.ks, folder,
-                                    os.path.join(args.out, f"partial-{kind}.jsonl"), tuple(args.sequential_ks))
+        if args.clora:
+            results, layers = run_clora(kind, ml, args.steps, args.repeats, args.ks, folder,
+                                        os.path.join(args.out, f"partial-clora-{kind}.jsonl"))
+        else:
+            results, layers = run_model(kind, ml, args.steps, args.repeats, args.ks, folder,
+                                        os.path.join(args.out, f"partial-{kind}.jsonl"), tuple(args.sequential_ks))
         meta[f"{kind}_lora_layers"] = layers
         all_results += results
     os.makedirs(args.out, exist_ok=True)
