@@ -235,3 +235,69 @@ def test_token_positions_against_comfyui_tokenizers(ml, tokenizer):
         flat = [t[0] for row in rows[key] for t in row]
         assert [flat[p] for p in positions] == pt.word_token_ids(tokenize, "cat")
     assert positions[0] > 77
+
+
+def test_mask_preview_rethresholds_stored_maps_without_resampling(ml, world):
+    _, record = run(ml, world, steps=4)
+    preview = nodes.NODE_CLASS_MAPPINGS["MultiLoRAMaskPreview"]
+    image = torch.rand(1, 64, 96, 3)
+    loose = preview.execute(attention_maps=record, mask_threshold=0.1, step=-1, average_steps=False, image=image)
+    tight = preview.execute(attention_maps=record, mask_threshold=0.9, step=-1, average_steps=False, image=image)
+    masks_loose, shown = loose.result
+    masks_tight = tight.result[0]
+    assert masks_loose.shape == (2, 64, 96) and shown.shape == (1, 64, 96, 3)
+    assert masks_loose.sum() > masks_tight.sum() > 0
+    assert bool(((masks_tight > 0) <= (masks_loose > 0)).all())  # a higher λ only removes pixels
+    assert loose.ui is not None and not torch.equal(shown, image)
+    average = preview.execute(attention_maps=record, mask_threshold=0.4, step=0, average_steps=True).result
+    assert average[1].shape == (1, 64, 96, 3)  # no image: black background at latent size × 8
+    with pytest.raises(ValueError, match="step 99 is out of range"):
+        preview.execute(attention_maps=record, mask_threshold=0.4, step=99, average_steps=False)
+
+
+def test_gradient_and_run_under_inference_mode_like_the_executor(ml, comfy_state):
+    """ComfyUI runs nodes under torch.inference_mode() with weights and conds created there: the latent
+    update must still produce a finite-difference-exact gradient and leave the model clean."""
+    with torch.inference_mode():
+        model = tiny_models.build_tiny("sd15", seed=3)
+        clip = tiny_models.build_tiny_clip(seed=3)
+        names = []
+        for seed in (71, 72):
+            name = f"clora_inf_{seed}.safetensors"
+            lora_files.write_lora(model, os.path.join(comfy_state["loras_dir"], name), "kohya", seed=seed, clip=clip)
+            names.append(name)
+        folder_paths.filename_list_cache.clear()
+        s = ml("stack")
+        rows = [s.LoraRow(names[0], 0.8, concept="cat", trigger="sks"), s.LoraRow(names[1], 0.8, concept="dog")]
+        assert next(model.model.parameters()).is_inference()
+        clora = ml("clora")
+        concepts, style = clora.split_rows(rows)
+        variants = clora.build_variants(clip, PROMPT, "blurry", concepts, style)
+        engine = ml("engine").build_engine(model, concepts, "test")
+        clone = model.clone()
+        engine.install(clone)
+        guider = clora.CloraGuider(clone, engine, variants, settings(ml), clora.CloraRecord(["a", "b"], (8, 8)))
+        seen = {}
+
+        def probe(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
+            options = extra_args["model_options"]
+            sigma = sigmas[1:2].expand(x.shape[0])
+            x0 = torch.randn(x.shape, generator=torch.Generator().manual_seed(0)) * float(sigmas[1])
+            value, grad = guider.loss_gradient(x0, sigma, options)
+            direction = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+            h = 1e-2
+            plus = float(guider.loss(x0 + h * direction, sigma, options))
+            minus = float(guider.loss(x0 - h * direction, sigma, options))
+            seen.update(analytic=float((grad * direction).sum()), numeric=(plus - minus) / (2 * h))
+            return x
+
+        latent = torch.zeros(1, 4, 8, 8)
+        sigmas = comfy.samplers.KSampler(clone, 6, "cpu", "euler", "normal", 1.0).sigmas
+        guider.sample(comfy.sample.prepare_noise(latent, 1), latent, comfy.samplers.KSAMPLER(probe), sigmas,
+                      disable_pbar=True, seed=1)
+        out, record = clora.clora_sample(model, clip, PROMPT, "blurry", rows, 3, 4, "euler", "normal",
+                                         {"samples": torch.zeros(1, 4, 8, 8)}, 1.0, settings(ml))
+    assert abs(seen["numeric"]) > 1e-6
+    assert seen["analytic"] == pytest.approx(seen["numeric"], rel=2e-2, abs=1e-5)
+    assert torch.isfinite(out["samples"]).all() and len(record.losses) > 0
+    assert hooks_left(model) == 0 and weight_functions_left(model) == 0
