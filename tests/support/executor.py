@@ -33,6 +33,8 @@ class ServerStub:
         self.last_prompt_id = None
         self.sockets_metadata: dict = {}
         self.messages: list = []
+        self.history_result: dict = {}
+        """The executor's UI outputs after a run ({"outputs": {node id: ui}, "meta": ...}), as in /history."""
 
     def send_sync(self, event, data, sid=None) -> None:
         self.messages.append((event, data))
@@ -55,7 +57,9 @@ class PromptFailed(AssertionError):
 
 
 def run_prompt(prompt: dict) -> ServerStub:
-    """Validate and execute ``prompt``; raise PromptFailed with ComfyUI's error on failure."""
+    """Validate and execute ``prompt``; raise PromptFailed with ComfyUI's error on failure.
+
+    The returned stub holds the messages sent and ``history_result`` (output nodes' UI outputs)."""
     import execution
     register_capture()
     prompt_id = str(uuid.uuid4())
@@ -68,6 +72,7 @@ def run_prompt(prompt: dict) -> ServerStub:
     if not executor.success:
         errors = [m for m in executor.status_messages if m[0] == "execution_error"]
         raise PromptFailed("execution failed", errors[0][1] if errors else executor.status_messages)
+    server.history_result = executor.history_result
     return server
 
 

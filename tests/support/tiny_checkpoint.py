@@ -4,14 +4,17 @@
 checkpoints (``v1-5-pruned-emaonly.safetensors``):
 
 * ``model.diffusion_model.*``: an LDM UNet with the real SD1.5 widths (model_channels 320,
-  context_dim 768, 8 heads, 1x1-conv ``proj_in``/``proj_out``, no ADM) but a single level with one
-  res block and one transformer block (input, middle and output), about 26M parameters;
+  context_dim 768, 8 heads, 1x1-conv ``proj_in``/``proj_out``, no ADM) but three levels of equal
+  width (channel_mult [1, 1, 1]), each with one res block and one transformer block (input, middle
+  and output), about 63M parameters. Like SD1.5 it has cross-attention at the latent, latent/2 and
+  latent/4 resolutions: CLoRA records its attention maps at latent/4 (a single-level UNet has none
+  there, and KSampler (CLoRA) fails on it);
 * ``cond_stage_model.transformer.text_model.*``: a full-size CLIP-L text model (HF layout,
   ~123M parameters) plus ``embeddings.position_ids``;
 * ``first_stage_model.*``: the full-size SD1.x KL-f8 VAE (~84M parameters);
 * the DDPM schedule buffers (``betas``, ``alphas_cumprod``, ...) of the LDM training config.
 
-Tensors are stored in float16 (the schedule in float32, ``position_ids`` in int64), about 470 MB.
+Tensors are stored in float16 (the schedule in float32, ``position_ids`` in int64), about 540 MB.
 ComfyUI's ``comfy.model_detection`` recognises the UNet as SD1.5 (``supported_models.SD15``), so
 ``CheckpointLoaderSimple`` loads the file with SD1.5's CLIP-L tokenizer/encoder, VAE and latent format.
 Weights are random but deterministic in ``seed`` (N(0, 1/fan_in) matrices, small biases, norm scales
@@ -75,7 +78,7 @@ _remove_at_exit: list[str] = []
 
 @atexit.register
 def _remove_written_checkpoints() -> None:
-    """Delete the ~470 MB checkpoints ``ensure_tiny_checkpoint`` wrote (the test folders are not cleaned)."""
+    """Delete the ~540 MB checkpoints ``ensure_tiny_checkpoint`` wrote (the test folders are not cleaned)."""
     for path in _remove_at_exit:
         try:
             os.remove(path)
@@ -88,8 +91,8 @@ def tiny_sd15_unet_config() -> dict[str, Any]:
     return {
         "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
         "adm_in_channels": None, "in_channels": 4, "out_channels": 4, "model_channels": 320,
-        "num_res_blocks": [1], "transformer_depth": [1], "transformer_depth_output": [1, 1],
-        "channel_mult": [1], "transformer_depth_middle": 1, "use_linear_in_transformer": False,
+        "num_res_blocks": [1, 1, 1], "transformer_depth": [1, 1, 1], "transformer_depth_output": [1] * 6,
+        "channel_mult": [1, 1, 1], "transformer_depth_middle": 1, "use_linear_in_transformer": False,
         "context_dim": 768, "use_temporal_resblock": False, "use_temporal_attention": False,
     }
 

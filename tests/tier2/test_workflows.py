@@ -3,7 +3,8 @@
 Each UI-format workflow is converted to an API prompt the way the frontend does
 (``support.workflow_api.ui_to_api``), scaled down (64x64 latent, 4 steps) and pointed at the tiny
 real-format SD1.5 checkpoint; the demo LoRAs it references are written into the loras folder under
-their own names. The run must end with a real, non-constant PNG from SaveImage.
+their own names. The run must end with a real, non-constant PNG from SaveImage (and, in the CLoRA
+workflows, a preview PNG from CLoRA Mask Preview).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import copy
 import glob
 import json
 import os
+import re
 import uuid
 
 import numpy as np
@@ -27,9 +29,14 @@ from support.workflow_api import (CONTROL_AFTER_GENERATE, CONTROL_VALUES, Workfl
 
 WORKFLOWS_DIR = os.path.join(REPO_ROOT, "workflows")
 WORKFLOW_FILES = sorted(glob.glob(os.path.join(WORKFLOWS_DIR, "*.json")))
-EXPECTED = {"multilora_merge.json", "multilora_switch.json", "multilora_composite.json"}
+METHOD_WORKFLOWS = ("multilora_merge.json", "multilora_switch.json", "multilora_composite.json")
+"""Same stack and prompts, one per method; their images compare side by side."""
+CLORA_WORKFLOWS = ("multilora_clora_two_subjects.json", "multilora_clora_subject_style.json")
+"""KSampler (CLoRA) with its prompts in its own widgets and a stack of subject rows (+ a style row)."""
+EXPECTED = set(METHOD_WORKFLOWS) | set(CLORA_WORKFLOWS)
 TEST_SIZE = 64
 TEST_STEPS = 4
+TEST_REFINE_ITERS = 2
 SAMPLING_KEYS = ("seed", "steps", "cfg", "sampler_name", "scheduler", "denoise")
 
 
@@ -56,8 +63,32 @@ def linked(prompt: dict, node_id: str, name: str) -> dict:
     return prompt[linked_id(prompt, node_id, name)]
 
 
+def png_pixels(file: str) -> np.ndarray:
+    """RGB pixels of a valid TEST_SIZE x TEST_SIZE PNG, as float32."""
+    with Image.open(file) as image:
+        image.verify()
+    with Image.open(file) as image:
+        assert image.format == "PNG" and image.size == (TEST_SIZE, TEST_SIZE)
+        pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+    assert np.isfinite(pixels).all()
+    return pixels
+
+
+def stack_rows(stack: dict) -> list[dict]:
+    """The used rows (1..rows) of a LoRA Stack node's inputs, as {field: value}."""
+    fields = ("lora", "on", "strength_model", "strength_clip", "category", "concept", "trigger")
+    return [{f: stack[f"{f}_{n}"] for f in fields} for n in range(1, stack["rows"] + 1)]
+
+
+def in_prompt(words: str, prompt: str) -> bool:
+    """Whether ``words`` occur in ``prompt`` as whole words (case-insensitive), as CLoRA looks for them."""
+    pattern = r"(?<![^\W_])" + r"\s+".join(map(re.escape, words.split())) + r"(?![^\W_])"
+    return re.search(pattern, prompt, re.IGNORECASE) is not None
+
+
 def scaled_for_test(prompt: dict, ckpt_name: str, prefix: str) -> dict:
-    """Small sizes and the tiny checkpoint; LoRA switching every step so 4 steps still cycle."""
+    """Small sizes and the tiny checkpoint; LoRA switching every step so 4 steps still cycle; CLoRA with
+    2 refinement iterations (instead of 20) at its refinement steps."""
     prompt = copy.deepcopy(prompt)
     for node in prompt.values():
         inputs = node["inputs"]
@@ -69,6 +100,8 @@ def scaled_for_test(prompt: dict, ckpt_name: str, prefix: str) -> dict:
             inputs["steps"] = TEST_STEPS
         if "switch_every" in inputs and not isinstance(inputs["switch_every"], list):
             inputs["switch_every"] = 1
+        if "refine_iters" in inputs and not isinstance(inputs["refine_iters"], list):
+            inputs["refine_iters"] = TEST_REFINE_ITERS
         if node["class_type"] == "SaveImage":
             inputs["filename_prefix"] = prefix
     return prompt
@@ -120,53 +153,106 @@ def test_workflow_runs_in_comfyui(path, demo_files):
             if key.startswith("lora_") and isinstance(value, str) and value != "None":
                 assert value in lora_names, f"{stem} references {value}, which the test does not provide"
 
-    run_prompt(prompt)
+    server = run_prompt(prompt)
 
     # The stub server has no client id, so ComfyUI sends no 'executed' messages: find the file instead.
     files = glob.glob(os.path.join(folder_paths.get_output_directory(), prefix + "_*.png"))
     assert len(files) == 1, f"SaveImage wrote {files}"
-    file = files[0]
-    with Image.open(file) as image:
-        image.verify()
-    with Image.open(file) as image:
-        assert image.format == "PNG" and image.size == (TEST_SIZE, TEST_SIZE)
-        pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
-    assert np.isfinite(pixels).all()
+    pixels = png_pixels(files[0])
     assert pixels.std() > 1.0, "the decoded image is (nearly) constant"
 
+    # CLoRA Mask Preview is an output node: its preview is in the executor's UI outputs (what the frontend
+    # shows) and, as a file, in ComfyUI's temp folder.
+    previews = [k for k, v in prompt.items() if v["class_type"] == "MultiLoRAMaskPreview"]
+    if os.path.basename(path) in CLORA_WORKFLOWS:
+        assert previews, f"{stem} has no CLoRA Mask Preview"
+    for node_id in previews:
+        shown = server.history_result["outputs"].get(node_id, {}).get("images")
+        assert shown and len(shown) == 1, f"Mask Preview {node_id} showed {shown}"
+        assert shown[0]["type"] == "temp"
+        file = os.path.join(folder_paths.get_temp_directory(), shown[0]["subfolder"], shown[0]["filename"])
+        assert os.path.isfile(file), f"the Mask Preview image {file} is missing"
+        overlay = png_pixels(file)  # the masks drawn over the decoded image (wired from VAE Decode)
+        assert overlay.std() > 1.0, "the mask preview is (nearly) constant"
 
-def test_method_workflows_are_comparable():
-    """Same checkpoint, seed, sampling settings, prompts, latent size and LoRA rows in every method."""
-    prompts = {name: ui_to_api(load(os.path.join(WORKFLOWS_DIR, name))) for name in sorted(EXPECTED)}
-    summaries = {}
-    for name, prompt in prompts.items():
-        sampler = sampler_id(prompt)
-        settings = {k: prompt[sampler]["inputs"][k] for k in SAMPLING_KEYS}
-        latent = linked(prompt, sampler, "latent_image")
-        stack = linked(prompt, sampler, "lora_stack") if "lora_stack" in prompt[sampler]["inputs"] else None
+
+def workflow_summary(prompt: dict) -> dict:
+    """What must match across workflows: sampling settings, prompts, latent, stack, checkpoint."""
+    sampler = sampler_id(prompt)
+    inputs = prompt[sampler]["inputs"]
+    latent = linked(prompt, sampler, "latent_image")
+    checkpoints = [n["inputs"]["ckpt_name"] for n in prompt.values() if n["class_type"] == "CheckpointLoaderSimple"]
+    if prompt[sampler]["class_type"] == "MultiLoRACLoRASampler":
+        # CLoRA encodes its prompt variants itself (each with only its LoRA's CLIP part): the prompts are its
+        # own widgets, and model and CLIP come from the checkpoint untouched (no Apply LoRA Stack, which
+        # would apply every LoRA's text-encoder part to every variant).
+        positive, negative = inputs["prompt"], inputs["negative_prompt"]
+        assert linked(prompt, sampler, "model")["class_type"] == "CheckpointLoaderSimple"
+        assert linked(prompt, sampler, "clip")["class_type"] == "CheckpointLoaderSimple"
+        assert "MultiLoRAApplyStack" not in {n["class_type"] for n in prompt.values()}
+        stack = linked(prompt, sampler, "lora_stack")
+    else:
+        positive = linked(prompt, sampler, "positive")["inputs"]["text"]
+        negative = linked(prompt, sampler, "negative")["inputs"]["text"]
+        for side in ("positive", "negative"):  # the LoRAs' text-encoder parts reach both prompts
+            encoder = linked_id(prompt, sampler, side)
+            assert linked(prompt, encoder, "clip")["class_type"] == "MultiLoRAApplyStack"
+        stack = linked(prompt, sampler, "lora_stack") if "lora_stack" in inputs else None
         if stack is None:  # Merge: the stack feeds Apply LoRA Stack, which feeds the sampler's model
             stack = linked(prompt, sampler, "model")
             assert stack["class_type"] == "MultiLoRAApplyStack"
             stack = prompt[stack["inputs"]["lora_stack"][0]]
-        assert stack["class_type"] == "MultiLoRAStack"
-        checkpoints = [n["inputs"]["ckpt_name"] for n in prompt.values() if n["class_type"] == "CheckpointLoaderSimple"]
-        summaries[name] = {
-            "settings": settings,
-            "positive": linked(prompt, sampler, "positive")["inputs"]["text"],
-            "negative": linked(prompt, sampler, "negative")["inputs"]["text"],
-            "latent": {k: latent["inputs"][k] for k in ("width", "height", "batch_size")},
-            "stack": stack["inputs"],
-            "checkpoints": checkpoints,
-        }
-        for side in ("positive", "negative"):  # the LoRAs' text-encoder parts reach both prompts
-            encoder = linked_id(prompt, sampler, side)
-            assert linked(prompt, encoder, "clip")["class_type"] == "MultiLoRAApplyStack"
+    assert stack["class_type"] == "MultiLoRAStack"
+    return {
+        "settings": {k: inputs[k] for k in SAMPLING_KEYS},
+        "positive": positive,
+        "negative": negative,
+        "latent": {k: latent["inputs"][k] for k in ("width", "height", "batch_size")},
+        "stack": stack["inputs"],
+        "checkpoints": checkpoints,
+    }
+
+
+def test_method_workflows_are_comparable():
+    """Same checkpoint, seed, sampling settings, prompts, latent size and LoRA rows in every method."""
+    summaries = {name: workflow_summary(ui_to_api(load(os.path.join(WORKFLOWS_DIR, name)))) for name in METHOD_WORKFLOWS}
     reference = summaries["multilora_merge.json"]
     for name, summary in summaries.items():
         assert summary == reference, f"{name} differs from the Merge workflow"
     assert reference["settings"]["seed"] == 42 and reference["settings"]["steps"] == 20
     used = [reference["stack"][f"lora_{n}"] for n in range(1, reference["stack"]["rows"] + 1)]
     assert used == [d.filename for d in DEMO_LORAS]
+
+
+def test_clora_workflows_are_comparable_with_the_methods():
+    """CLoRA needs two subjects, so its prompt and stack differ from the method workflows'; everything
+    else (checkpoint, seed, steps, CFG, sampler, scheduler, denoise, negative prompt, latent, the strengths
+    of each LoRA file) is the Merge workflow's. Every concept row's word is in the prompt."""
+    reference = workflow_summary(ui_to_api(load(os.path.join(WORKFLOWS_DIR, "multilora_merge.json"))))
+    reference_rows = {row["lora"]: row for row in stack_rows(reference["stack"])}
+    demo_files = {d.filename for d in DEMO_LORAS}
+    summaries = {name: workflow_summary(ui_to_api(load(os.path.join(WORKFLOWS_DIR, name)))) for name in CLORA_WORKFLOWS}
+    for name, summary in summaries.items():
+        for key in ("settings", "negative", "latent", "checkpoints"):
+            assert summary[key] == reference[key], f"{name}: {key} differs from the Merge workflow"
+        rows = stack_rows(summary["stack"])
+        assert all(row["on"] for row in rows) and {row["lora"] for row in rows} <= demo_files
+        for row in rows:
+            same_file = reference_rows[row["lora"]]
+            assert (row["strength_model"], row["strength_clip"]) == (same_file["strength_model"], same_file["strength_clip"])
+        subjects = [row for row in rows if row["category"] != "style"]
+        assert len(subjects) >= 2, f"{name}: CLoRA needs at least 2 concept rows"
+        for row in subjects:
+            assert row["concept"].strip() and in_prompt(row["concept"], summary["positive"]), \
+                f"{name}: concept '{row['concept']}' is not a word of the prompt '{summary['positive']}'"
+        assert len({row["lora"] for row in rows}) == len(rows)  # each LoRA file once
+    two, styled = (summaries[name] for name in CLORA_WORKFLOWS)
+    two_rows, styled_rows = stack_rows(two["stack"]), stack_rows(styled["stack"])
+    # subject + style = the two subjects plus a style row and its words at the end of the prompt
+    assert styled_rows[:len(two_rows)] == two_rows and len(styled_rows) == len(two_rows) + 1
+    assert styled_rows[-1]["category"] == "style"
+    assert styled["positive"].startswith(two["positive"]) and styled["positive"] != two["positive"]
+    assert in_prompt(reference_rows[styled_rows[-1]["lora"]]["concept"], styled["positive"])
 
 
 def test_unknown_node_type_is_detected():
@@ -205,6 +291,31 @@ def test_ui_to_api_maps_widgets_in_frontend_order():
     assert stack["lora_10"] == "None"
     assert prompt[by_type["MultiLoRAApplyStack"]]["inputs"] == {
         "lora_stack": [by_type["MultiLoRAStack"], 0], "clip": [by_type["CheckpointLoaderSimple"], 1]}
+
+
+def test_ui_to_api_maps_clora_widgets_in_frontend_order():
+    workflow = load(os.path.join(WORKFLOWS_DIR, "multilora_clora_subject_style.json"))
+    by_type = {n["type"]: str(n["id"]) for n in workflow["nodes"]}
+    prompt = ui_to_api(workflow)
+    assert prompt[by_type["MultiLoRACLoRASampler"]]["inputs"] == {
+        "prompt": "a knight and a dragon in a misty forest, oil painting",
+        "negative_prompt": "blurry, low quality, deformed, watermark, text",
+        "seed": 42, "steps": 20, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0,
+        "mask_threshold": 0.4, "temperature": 0.5, "step_size": 20.0, "opt_until": 0.5, "refine_iters": 20,
+        "model": [by_type["CheckpointLoaderSimple"], 0], "clip": [by_type["CheckpointLoaderSimple"], 1],
+        "lora_stack": [by_type["MultiLoRAStack"], 0], "latent_image": [by_type["EmptyLatentImage"], 0],
+    }
+    assert prompt[by_type["MultiLoRAMaskPreview"]]["inputs"] == {
+        "mask_threshold": 0.4, "step": -1, "average_steps": False,
+        "attention_maps": [by_type["MultiLoRACLoRASampler"], 1], "image": [by_type["VAEDecode"], 0]}
+    assert stack_rows(prompt[by_type["MultiLoRAStack"]]["inputs"]) == [
+        {"lora": "demo_character.safetensors", "on": True, "strength_model": 0.8, "strength_clip": 0.8,
+         "category": "character", "concept": "knight", "trigger": "sks"},
+        {"lora": "demo_background.safetensors", "on": True, "strength_model": 0.8, "strength_clip": 0.8,
+         "category": "object", "concept": "dragon", "trigger": ""},
+        {"lora": "demo_style.safetensors", "on": True, "strength_model": 0.8, "strength_clip": 0.8,
+         "category": "style", "concept": "", "trigger": ""},
+    ]
 
 
 def test_ui_to_api_skips_bypassed_and_muted_nodes():
