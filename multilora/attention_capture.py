@@ -23,9 +23,11 @@ class CrossAttentionRequired(MultiLoRAError):
     """The model has no UNet cross-attention (DiT families)."""
 
 
-def cross_attention_sites(diffusion_model) -> list[tuple[str, int, int]]:
-    """Every (block, number, transformer_index) of a UNet's cross-attention layers, as ComfyUI keys them."""
-    sites: list[tuple[str, int, int]] = []
+def cross_attention_levels(diffusion_model) -> dict[tuple[str, int, int], int]:
+    """Every cross-attention site (block, number, transformer_index, as ComfyUI keys them) → its level, the
+    number of 2× downsamplings between the latent and that layer (counted from the UNet's structure)."""
+    sites: dict[tuple[str, int, int], int] = {}
+    level = 0
     groups = (("input", getattr(diffusion_model, "input_blocks", None)),
               ("middle", [getattr(diffusion_model, "middle_block", None)]),
               ("output", getattr(diffusion_model, "output_blocks", None)))
@@ -36,13 +38,27 @@ def cross_attention_sites(diffusion_model) -> list[tuple[str, int, int]]:
             if block is None:
                 continue
             for layer in block:
+                kind = type(layer).__name__
+                if kind == "Downsample":
+                    level += 1
                 transformer_blocks = getattr(layer, "transformer_blocks", None)
-                if transformer_blocks is None:
-                    continue
-                for index, tb in enumerate(transformer_blocks):
+                for index, tb in enumerate(transformer_blocks or []):
                     if getattr(tb, "attn2", None) is not None:
-                        sites.append((name, 0 if name == "middle" else number, index))
+                        sites[(name, 0 if name == "middle" else number, index)] = level
+                if kind == "Upsample":
+                    level -= 1
     return sites
+
+
+def cross_attention_sites(diffusion_model) -> list[tuple[str, int, int]]:
+    """Every (block, number, transformer_index) of a UNet's cross-attention layers."""
+    return list(cross_attention_levels(diffusion_model))
+
+
+def capture_level(diffusion_model) -> int:
+    """The paper's latent/4 level (2) when the UNet has cross-attention there, else the deepest level it has."""
+    levels = set(cross_attention_levels(diffusion_model).values())
+    return 2 if 2 in levels or not levels else max(levels)
 
 
 @dataclass
@@ -63,9 +79,7 @@ class ConceptAttention:
         self.maps = {}
 
     def _wanted(self, size: tuple[int, int]) -> bool:
-        # latent/4 is the paper's level; up to latent/2 is kept too so that shallow UNets without a
-        # latent/4 level (tiny test models, unusual fine-tunes) still yield maps at their coarsest level.
-        return size[0] * size[1] <= 4 * self.size[0] * self.size[1]
+        return tuple(size) == tuple(self.size)
 
     def __call__(self, q, k, v, extra_options):
         heads = extra_options["n_heads"]
@@ -89,10 +103,8 @@ class ConceptAttention:
         return out
 
     def level(self) -> tuple[int, int] | None:
-        """The captured level used: latent/4 when the model has it, else the coarsest level recorded."""
-        if tuple(self.size) in self.maps:
-            return tuple(self.size)
-        return min(self.maps, key=lambda hw: hw[0] * hw[1]) if self.maps else None
+        """The (H, W) whose maps were recorded, None before any."""
+        return tuple(self.size) if tuple(self.size) in self.maps else None
 
     def averaged(self, cond_index: int) -> torch.Tensor | None:
         """[rows, T, H, W]: the mean over captured layers of one cond's maps, reshaped with the layer's (H, W)."""
@@ -121,6 +133,9 @@ def install_capture(model_options: dict, diffusion_model, capture: ConceptAttent
     transformer_options["patches_replace"] = replace
 
 
-def capture_size(latent_height: int, latent_width: int) -> tuple[int, int]:
-    """The (H, W) of the latent/4 level: two 2× downsamplings of the latent (SPEC §3.3)."""
-    return (-(-latent_height // 4), -(-latent_width // 4))
+def capture_size(latent_height: int, latent_width: int, level: int = 2) -> tuple[int, int]:
+    """The (H, W) after ``level`` 2× downsamplings (ComfyUI's convs round up): latent/4 at level 2 (SPEC §3.3)."""
+    height, width = latent_height, latent_width
+    for _ in range(level):
+        height, width = -(-height // 2), -(-width // 2)
+    return (height, width)

@@ -28,7 +28,8 @@ import comfy.sample
 import comfy.samplers
 import comfy.utils
 
-from .attention_capture import ConceptAttention, CrossAttentionRequired, capture_size, cross_attention_sites, install_capture
+from .attention_capture import (ConceptAttention, CrossAttentionRequired, capture_level, capture_size,
+                                cross_attention_sites, install_capture)
 from .clora_masks import check_threshold, fuse_with_masks, masks_from_maps
 from .contrastive import concept_contrastive_loss, normalize_maps
 from .engine import build_engine
@@ -170,7 +171,8 @@ class CloraGuider(comfy.samplers.CFGGuider):
 
     def _capture(self, x: torch.Tensor) -> ConceptAttention:
         columns = {2 * v: [p for g in sorted(var.groups) for p in var.groups[g]] for v, var in enumerate(self.variants)}
-        return ConceptAttention(capture_size(x.shape[-2], x.shape[-1]), columns)
+        level = capture_level(self.model_patcher.model.diffusion_model)
+        return ConceptAttention(capture_size(x.shape[-2], x.shape[-1], level), columns)
 
     def concept_maps(self, capture: ConceptAttention) -> list[list[torch.Tensor]]:
         """Per concept g: the [rows, T, h, w] maps of its tokens in every variant where they occur."""
@@ -228,7 +230,9 @@ class CloraGuider(comfy.samplers.CFGGuider):
         size = tuple(x.shape[-2:])
         masks = torch.stack([masks_from_maps([torch.cat([m[r] for m in g], dim=0) for g in groups],
                                             self.settings.mask_threshold, size) for r in range(x.shape[0])])
-        self.record.steps.append([normalize_maps(torch.cat([m[0] for m in g], dim=0).flatten(0, -3)).cpu() for g in groups])
+        if step >= len(self.record.steps):  # one entry per sampling step (multi-evaluation samplers: the first)
+            self.record.steps.append([normalize_maps(torch.cat([m[0] for m in g], dim=0).flatten(0, -3)).cpu()
+                                      for g in groups])
         self.record.final_masks = masks[0].cpu()
         cond = [outputs[2 * v] for v in range(len(self.variants))]
         uncond = [outputs[2 * v + 1] for v in range(len(self.variants))]

@@ -47,8 +47,10 @@ class CloraSampler(io.ComfyNode):
             ],
             outputs=[
                 io.Latent.Output(tooltip="The denoised latent."),
-                AttentionMapsType.Output(display_name="attention_maps", tooltip="Per-step concept maps for Mask Preview."),
-                io.Mask.Output(display_name="masks", tooltip="Final masks, one per concept LoRA (latent size × 8)."),
+                AttentionMapsType.Output(display_name="attention_maps",
+                                         tooltip="Per-step concept maps (first image of the batch) for Mask Preview."),
+                io.Mask.Output(display_name="masks",
+                               tooltip="Final masks of the first image, one per concept LoRA (latent size × 8)."),
             ],
         )
 
@@ -78,7 +80,8 @@ class MaskPreview(io.ComfyNode):
                 io.Float.Input("mask_threshold", default=0.4, min=0.0, max=1.0, step=0.01,
                                tooltip="λ used to threshold the stored maps."),
                 io.Int.Input("step", default=-1, min=-10000, max=10000,
-                             tooltip="Which sampling step to show (−1 = last, negative counts from the end)."),
+                             tooltip="Which sampling step to show (−1 = last, negative counts from the end). "
+                                     "Maps are those of the first image of the batch."),
                 io.Boolean.Input("average_steps", default=False, tooltip="Average the maps over all steps instead."),
                 io.Image.Input("image", optional=True, tooltip="Decoded image to draw the masks over (else black)."),
             ],

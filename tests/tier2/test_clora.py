@@ -301,3 +301,33 @@ def test_gradient_and_run_under_inference_mode_like_the_executor(ml, comfy_state
     assert seen["analytic"] == pytest.approx(seen["numeric"], rel=2e-2, abs=1e-5)
     assert torch.isfinite(out["samples"]).all() and len(record.losses) > 0
     assert hooks_left(model) == 0 and weight_functions_left(model) == 0
+
+
+@pytest.mark.parametrize("kind,expected", [
+    ("sd15", [("input", 7), ("input", 8), ("output", 3), ("output", 4), ("output", 5)]),
+    ("sdxl", [("input", 7), ("input", 8), ("middle", 0), ("output", 0), ("output", 1), ("output", 2)]),
+])
+def test_capture_sites_of_full_size_unets(ml, kind, expected):
+    """latent/4 cross-attention sites of the real SD1.5 and SDXL layouts (built on the meta device)."""
+    import comfy.supported_models
+    from support.pack_loader import REPO_ROOT
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_configs", os.path.join(REPO_ROOT, "bench", "run_bench.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    config = (comfy.supported_models.SD15(dict(bench.SD15)) if kind == "sd15" else comfy.supported_models.SDXL(dict(bench.SDXL)))
+    config.set_inference_dtype(torch.float16, None)
+    with torch.device("meta"):
+        model = config.get_model({}, "", device="meta")
+    capture = ml("attention_capture")
+    levels = capture.cross_attention_levels(model.diffusion_model)
+    assert sorted({site[:2] for site, level in levels.items() if level == 2}) == expected
+    assert capture.capture_level(model.diffusion_model) == 2
+    assert capture.capture_size(64, 96) == (16, 24) and capture.capture_size(128, 128) == (32, 32)
+
+
+def test_shallow_unet_falls_back_to_its_deepest_attention_level(ml, world):
+    model, _, _ = world
+    capture = ml("attention_capture")
+    assert set(capture.cross_attention_levels(model.model.diffusion_model).values()) == {0, 1}
+    assert capture.capture_level(model.model.diffusion_model) == 1
