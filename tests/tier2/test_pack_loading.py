@@ -26,3 +26,10 @@ def test_web_directory_registered(comfy_state):
     import os
     web_dirs = {os.path.realpath(p) for p in nodes.EXTENSION_WEB_DIRS.values()}
     assert os.path.realpath(os.path.join(comfy_state["pack_path"], "js")) in web_dirs
+
+
+def test_every_node_has_a_help_page(comfy_state):
+    import os
+    for node_id in EXPECTED_NODES:
+        path = os.path.join(comfy_state["pack_path"], "js", "docs", f"{node_id}.md")
+        assert os.path.isfile(path), f"js/docs/{node_id}.md is missing"
