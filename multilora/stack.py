@@ -28,6 +28,7 @@ class LoraRow:
     trigger: str = ""
     category: str = "other"
     label: str = ""
+    hf_score: float | None = None  # CMLoRA: measured high-frequency share (LoRA Frequency Profile)
 
     def concept_words(self) -> tuple[str, ...]:
         """Comma-separated concept words, stripped, empties dropped."""

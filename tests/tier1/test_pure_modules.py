@@ -12,7 +12,8 @@ routing = load_pure("routing")
 lowrank = load_pure("lowrank")
 errors = load_pure("errors")
 
-PURE = ("stack", "routing", "lowrank", "errors", "fusion", "prompt_tokens", "contrastive", "clora_masks")
+PURE = ("stack", "routing", "lowrank", "errors", "fusion", "prompt_tokens", "contrastive", "clora_masks",
+        "cmlora_schedule", "frequency_profile")
 HOST_MODULES = ("comfy", "comfy_api", "comfy_extras", "folder_paths", "nodes", "server", "execution",
                 "latent_preview", "node_helpers")
 

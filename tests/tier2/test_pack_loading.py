@@ -2,7 +2,8 @@
 import nodes
 
 EXPECTED_NODES = {"MultiLoRAStack", "MultiLoRAApplyStack", "MultiLoRASwitchSampler", "MultiLoRACompositeSampler",
-                  "MultiLoRASwitch", "MultiLoRACompositeGuider", "MultiLoRACLoRASampler", "MultiLoRAMaskPreview"}
+                  "MultiLoRASwitch", "MultiLoRACompositeGuider", "MultiLoRACLoRASampler", "MultiLoRAMaskPreview",
+                  "MultiLoRACMLoRASampler", "MultiLoRAFrequencyProfile"}
 
 
 def test_all_node_ids_registered_without_warnings(comfy_state):

@@ -1,0 +1,69 @@
+"""CMLoRA (Zou et al. 2025, arXiv 2502.04923) on the on-the-fly engine: SPEC §4, without the feature cache.
+
+Every step is a LoRA Composite over all k LoRAs whose fusion weights follow the frequency-ordered plan of
+``cmlora_schedule``: the dominant LoRA (round-robin over the high-frequency set until g·N, then over the
+low set first) weighs (k−0.5)/(2k−1.5), every other LoRA 1/(2k−1.5). The step of a model evaluation is
+floor-mapped from its σ into the run's schedule (SPEC §0). Host module.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import comfy.patcher_extension
+
+from .cmlora_schedule import cmlora_plan
+from .engine import build_engine
+from .methods import COMPOSITE_KEY, CompositeBranches
+from .routing import sample_sigmas_of_call, sigma_of_call, step_index
+from .stack import LoraRow
+
+
+class DominantWeightedBranches(CompositeBranches):
+    """Composite branches fused with the CMLoRA weights of the current step."""
+
+    def __init__(self, engine, categories: Sequence[str], scores: Sequence[float] | None, switch: float):
+        super().__init__(engine, (1.0 / engine.count,) * engine.count)
+        self.categories = list(categories)
+        self.scores = scores
+        self.switch = switch
+        self._plans: dict[int, list] = {}
+        self.dominants: list[int] = []
+
+    def weights_for(self, transformer_options: Mapping) -> tuple[float, ...]:
+        schedule = sample_sigmas_of_call(transformer_options)
+        sigma = sigma_of_call(transformer_options)
+        if schedule is None or sigma is None:
+            return self.weights
+        steps = len(schedule) - 1
+        plan = self._plans.get(steps)
+        if plan is None:
+            plan = cmlora_plan(steps, self.categories, self.scores, self.switch)
+            self._plans = {steps: plan}
+        entry = plan[step_index(sigma, schedule)]
+        self.dominants.append(entry.dominant)
+        return tuple(entry.weights)
+
+    def __call__(self, executor, model, conds, x_in, timestep, model_options):
+        options = dict(model_options.get("transformer_options", {}))
+        options.setdefault("sigmas", timestep)
+        self.weights = self.weights_for(options)
+        return super().__call__(executor, model, conds, x_in, timestep, model_options)
+
+
+def cmlora_model(model, rows: Sequence[LoraRow], switch: float, use_scores: bool, node: str):
+    """A clone of ``model`` sampling with CMLoRA's dominant-weighted Composite (no feature cache)."""
+    if not 0.0 <= switch <= 1.0:
+        raise ValueError(f"{node}: 'stage_switch' must be in [0, 1], got {switch}.")
+    scores = None
+    if use_scores:
+        scores = [row.hf_score for row in rows]
+        if any(s is None for s in scores):
+            missing = next(r.name for r in rows if r.hf_score is None)
+            raise ValueError(f"{node}: ordering 'profiled scores' needs a score for every row; '{missing}' has "
+                             "none. Run the stack through 'LoRA Frequency Profile' first or order by categories.")
+    engine = build_engine(model, rows, node)
+    clone = model.clone()
+    engine.install(clone)
+    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, COMPOSITE_KEY,
+                               DominantWeightedBranches(engine, [r.category for r in rows], scores, switch))
+    return clone
