@@ -1,9 +1,10 @@
-"""CMLoRA (Zou et al. 2025, arXiv 2502.04923) on the on-the-fly engine: SPEC §4, without the feature cache.
+"""CMLoRA (Zou et al. 2025, arXiv 2502.04923) on the on-the-fly engine: SPEC §4.
 
 Every step is a LoRA Composite over all k LoRAs whose fusion weights follow the frequency-ordered plan of
 ``cmlora_schedule``: the dominant LoRA (round-robin over the high-frequency set until g·N, then over the
 low set first) weighs (k−0.5)/(2k−1.5), every other LoRA 1/(2k−1.5). The step of a model evaluation is
-floor-mapped from its σ into the run's schedule (SPEC §0). Host module.
+floor-mapped from its σ into the run's schedule (SPEC §0). With ``cache`` on, ``feature_cache`` lets
+non-refreshed branches reuse their deep UNet feature (UNet models; DiTs run without the cache). Host module.
 """
 from __future__ import annotations
 
@@ -13,9 +14,12 @@ import comfy.patcher_extension
 
 from .cmlora_schedule import cmlora_plan
 from .engine import build_engine
+from .feature_cache import FeatureCache, plan_lookup
 from .methods import COMPOSITE_KEY, CompositeBranches
 from .routing import sample_sigmas_of_call, sigma_of_call, step_index
 from .stack import LoraRow
+
+CACHE_KEY = "multilora.feature_cache"
 
 
 class DominantWeightedBranches(CompositeBranches):
@@ -29,17 +33,20 @@ class DominantWeightedBranches(CompositeBranches):
         self._plans: dict[int, list] = {}
         self.dominants: list[int] = []
 
+    def plan(self, steps: int) -> list:
+        """The run's StepPlan list (cached per step count)."""
+        plan = self._plans.get(steps)
+        if plan is None:
+            plan = cmlora_plan(steps, self.categories, self.scores, self.switch)
+            self._plans = {steps: plan}
+        return plan
+
     def weights_for(self, transformer_options: Mapping) -> tuple[float, ...]:
         schedule = sample_sigmas_of_call(transformer_options)
         sigma = sigma_of_call(transformer_options)
         if schedule is None or sigma is None:
             return self.weights
-        steps = len(schedule) - 1
-        plan = self._plans.get(steps)
-        if plan is None:
-            plan = cmlora_plan(steps, self.categories, self.scores, self.switch)
-            self._plans = {steps: plan}
-        entry = plan[step_index(sigma, schedule)]
+        entry = self.plan(len(schedule) - 1)[step_index(sigma, schedule)]
         self.dominants.append(entry.dominant)
         return tuple(entry.weights)
 
@@ -50,8 +57,8 @@ class DominantWeightedBranches(CompositeBranches):
         return super().__call__(executor, model, conds, x_in, timestep, model_options)
 
 
-def cmlora_model(model, rows: Sequence[LoraRow], switch: float, use_scores: bool, node: str):
-    """A clone of ``model`` sampling with CMLoRA's dominant-weighted Composite (no feature cache)."""
+def cmlora_model(model, rows: Sequence[LoraRow], switch: float, use_scores: bool, node: str, cache: bool = True):
+    """A clone of ``model`` sampling with CMLoRA's dominant-weighted Composite, with or without the cache."""
     if not 0.0 <= switch <= 1.0:
         raise ValueError(f"{node}: 'stage_switch' must be in [0, 1], got {switch}.")
     scores = None
@@ -64,6 +71,9 @@ def cmlora_model(model, rows: Sequence[LoraRow], switch: float, use_scores: bool
     engine = build_engine(model, rows, node)
     clone = model.clone()
     engine.install(clone)
-    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, COMPOSITE_KEY,
-                               DominantWeightedBranches(engine, [r.category for r in rows], scores, switch))
+    branches = DominantWeightedBranches(engine, [r.category for r in rows], scores, switch)
+    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, COMPOSITE_KEY, branches)
+    if cache and hasattr(model.model.diffusion_model, "input_blocks"):
+        clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, CACHE_KEY,
+                                   FeatureCache(engine, plan_lookup(branches), engine.count))
     return clone

@@ -22,9 +22,12 @@ class CmloraSampler(io.ComfyNode):
             node_id="MultiLoRACMLoRASampler", display_name="KSampler (CMLoRA)", category="multilora/sampling",
             description="CMLoRA (Zou et al. 2025): LoRA Composite where one dominant LoRA weighs more, rotating "
                         "over the high-frequency LoRAs (character, clothing, style, object) early and the "
-                        "low-frequency ones (background) from 'stage_switch' on. The feature cache is not in "
-                        "this version: every LoRA runs the full UNet each step.",
+                        "low-frequency ones (background) from 'stage_switch' on. With the cache on, only the "
+                        "dominant LoRA refreshes its deep UNet features at refresh steps; the others reuse theirs.",
             inputs=base[:1] + [LoraStackType.Input("lora_stack", tooltip=STACK_TIP)] + base[1:] + [
+                io.Boolean.Input("cache", default=True,
+                                 tooltip="Feature cache: between refreshes, LoRAs reuse their cached deep UNet "
+                                         "feature and run only the first/last level (UNet models)."),
                 io.Float.Input("stage_switch", default=0.55, min=0.0, max=1.0, step=0.01,
                                tooltip="g: fraction of the steps after which low-frequency LoRAs lead."),
                 io.Combo.Input("ordering", options=ORDERINGS, default=ORDERINGS[0],
@@ -36,10 +39,10 @@ class CmloraSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, lora_stack, seed, steps, cfg, sampler_name, scheduler, positive, negative,
-                latent_image, denoise, stage_switch=0.55, ordering=ORDERINGS[0]) -> io.NodeOutput:
+                latent_image, denoise, cache=True, stage_switch=0.55, ordering=ORDERINGS[0]) -> io.NodeOutput:
         node = "KSampler (CMLoRA)"
         rows = require_active(lora_stack, node)
-        patched = cmlora_model(model, rows, stage_switch, ordering == ORDERINGS[1], node)
+        patched = cmlora_model(model, rows, stage_switch, ordering == ORDERINGS[1], node, cache=cache)
         return io.NodeOutput(ksample(patched, seed, steps, cfg, sampler_name, scheduler, positive, negative,
                                      latent_image, denoise))
 

@@ -44,7 +44,7 @@ def branches_of(clone):
 
 def test_equal_weights_reproduce_composite(ml, world):
     model, rows = world["sd15"]
-    clone = ml("cmlora").cmlora_model(model, rows, 0.55, False, "test")
+    clone = ml("cmlora").cmlora_model(model, rows, 0.55, False, "test", cache=False)
     wrapper = branches_of(clone)
     wrapper.weights_for = lambda options: (1 / 3, 1 / 3, 1 / 3)
     composite = ml("methods").composite_model(model, rows, None, "test")
@@ -53,7 +53,7 @@ def test_equal_weights_reproduce_composite(ml, world):
 
 def test_every_step_uses_the_plan_dominant_and_weights(ml, world):
     model, rows = world["sd15"]
-    clone = ml("cmlora").cmlora_model(model, rows, 0.55, False, "test")
+    clone = ml("cmlora").cmlora_model(model, rows, 0.55, False, "test", cache=False)
     outputs = []
 
     def keep(executor, *args, **kwargs):
@@ -104,3 +104,40 @@ def test_frequency_profile_node_ranks_and_writes_scores(ml, world):
     assert rows[0].name in text
     with pytest.raises(ml("errors").StackError, match="got 1 images for 2 enabled LoRAs"):
         node.execute(lora_stack=stack, images=smooth[None])
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_shallow_path_with_a_fresh_cache_reproduces_the_full_unet(ml, world, kind):
+    model, _ = world[kind]
+    unet = model.model.diffusion_model
+    cache = ml("feature_cache")
+    x, sigma, cond = tiny_models.make_inputs(kind, batch=2, seed=5)
+    t = torch.tensor([500.0, 500.0])
+    y = cond.get("y")
+    with torch.no_grad():
+        stock = unet(x, t, cond["c_crossattn"], y, transformer_options={})
+        full, deep = cache.split_forward(unet, x, t, cond["c_crossattn"], y, {}, torch.arange(2), None, None)
+        shallow, _ = cache.split_forward(unet, x, t, cond["c_crossattn"], y, {}, torch.arange(0), deep, None)
+        mixed, _ = cache.split_forward(unet, x, t, cond["c_crossattn"], y, {}, torch.tensor([1]), deep, None)
+        stale, _ = cache.split_forward(unet, x, t, cond["c_crossattn"], y, {}, torch.arange(0), deep.flip(0), None)
+    torch.testing.assert_close(full, stock, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shallow, stock, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mixed, stock, atol=1e-5, rtol=1e-5)
+    assert (stale - stock).abs().max() > 1e-3  # the deep feature really is used
+    assert cache.shallow_blocks(unet) >= 1
+
+
+@pytest.mark.parametrize("steps", [20, 50])
+def test_full_unet_evaluations_follow_the_refresh_schedule(ml, world, steps):
+    model, rows = world["sd15"]
+    clone = ml("cmlora").cmlora_model(model, rows, 0.55, False, "test", cache=True)
+    feature_cache = clone.wrappers[comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL]["multilora.feature_cache"][0]
+    out = run(clone, "sd15", steps=steps)
+    refresh = ml("cmlora_schedule").refresh_steps(steps)
+    k, conds = 3, 2
+    expected_full = conds * (k + (len(refresh) - 1))  # all LoRAs at step 0, then the new dominant at each refresh
+    assert feature_cache.full_branch_evaluations == expected_full
+    assert feature_cache.shallow_branch_evaluations == conds * k * steps - expected_full
+    assert torch.isfinite(out).all()
+    reference = run(ml("cmlora").cmlora_model(model, rows, 0.55, False, "test", cache=False), "sd15", steps=steps)
+    assert (out - reference).abs().max() > 0  # the cache is in effect
