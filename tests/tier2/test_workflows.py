@@ -29,7 +29,7 @@ from support.workflow_api import (CONTROL_AFTER_GENERATE, CONTROL_VALUES, Workfl
 
 WORKFLOWS_DIR = os.path.join(REPO_ROOT, "workflows")
 WORKFLOW_FILES = sorted(glob.glob(os.path.join(WORKFLOWS_DIR, "*.json")))
-METHOD_WORKFLOWS = ("multilora_merge.json", "multilora_switch.json", "multilora_composite.json")
+METHOD_WORKFLOWS = ("multilora_merge.json", "multilora_switch.json", "multilora_composite.json", "multilora_cmlora.json")
 """Same stack and prompts, one per method; their images compare side by side."""
 CLORA_WORKFLOWS = ("multilora_clora_two_subjects.json", "multilora_clora_subject_style.json")
 """KSampler (CLoRA) with its prompts in its own widgets and a stack of subject rows (+ a style row)."""
