@@ -70,6 +70,7 @@ def main() -> int:
         "on-the-fly (all LoRAs)": on_the_fly,
         "LoRA Switch": lambda: methods_mod.switch_model(model, stack.active(), 5, "demo"),
         "LoRA Composite": lambda: methods_mod.composite_model(model, stack.active(), None, "demo"),
+        "CMLoRA": lambda: pack_module("multilora.cmlora").cmlora_model(model, stack.active(), 0.55, False, "demo"),
     }
     os.makedirs(out_dir, exist_ok=True)
     results, images = [], []
@@ -84,6 +85,25 @@ def main() -> int:
         image.save(os.path.join(out_dir, file_name))
         images.append(image)
         results.append({"method": label, "seconds": round(seconds, 3), "image": file_name})
+    # CLoRA encodes its own prompt variants: it needs a CLIP (a tiny one here) and concept words.
+    clip = tiny_models.build_tiny_clip(seed=0)
+    clora_names = []
+    for seed in (3, 4):
+        name = f"demo_clora_{seed}.safetensors"
+        lora_files.write_lora(model, os.path.join(state["loras_dir"], name), "kohya", seed=seed, clip=clip)
+        clora_names.append(name)
+    folder_paths.filename_list_cache.clear()
+    clora = pack_module("multilora.clora")
+    rows = [stack_mod.LoraRow(clora_names[0], 0.8, concept="cat", trigger="sks", category="character"),
+            stack_mod.LoraRow(clora_names[1], 0.8, concept="dog", category="object")]
+    start = time.perf_counter()
+    out, record = clora.clora_sample(model, clip, "a cat and a dog in a park", "blurry", rows, args.seed,
+                                     args.steps, "euler", "normal", latent, 1.0, clora.CloraSettings(cfg=6.0))
+    seconds = time.perf_counter() - start
+    image = latent_to_image(out["samples"])
+    image.save(os.path.join(out_dir, "clora.png"))
+    images.append(image)
+    results.append({"method": "CLoRA (tiny CLIP prompt variants)", "seconds": round(seconds, 3), "image": "clora.png"})
     sheet = Image.new("RGB", (sum(i.width for i in images), images[0].height), "white")
     x = 0
     for image in images:
