@@ -24,6 +24,7 @@ import torch
 
 import comfy.model_management
 import comfy.model_patcher
+import comfy.patcher_extension
 import comfy.sample
 import comfy.samplers
 import comfy.utils
@@ -33,6 +34,7 @@ from .attention_capture import (ConceptAttention, CrossAttentionRequired, captur
 from .clora_masks import check_threshold, fuse_with_masks, masks_from_maps
 from .contrastive import concept_contrastive_loss, normalize_maps
 from .engine import build_engine
+from .feature_cache import CheckpointedUNet
 from .merge import merge_rows
 from .prompt_tokens import concept_positions, decorate_prompt
 from .errors import MultiLoRAError
@@ -41,6 +43,7 @@ from .routing import ByCondIndex, sample_sigmas_of_call, sigma_of_call, step_ind
 from .stack import LoraRow
 
 NODE = "CLoRA"
+CHECKPOINT_KEY = "multilora.gradient_checkpointing"
 
 
 @dataclass
@@ -63,6 +66,7 @@ class CloraSettings:
     refine_iters: int = 20
     refine_at: tuple[float, ...] = (0.0, 0.2, 0.4)
     apply_mask_after: int = 0
+    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -192,6 +196,10 @@ class CloraGuider(comfy.samplers.CFGGuider):
         """The contrastive loss at (x, σ) through the conditional branches of every variant."""
         capture = self._capture(x)
         options = self._options(model_options, capture)
+        if self.settings.gradient_checkpointing:
+            comfy.patcher_extension.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL,
+                                                         CHECKPOINT_KEY, CheckpointedUNet(self.engine), options,
+                                                         is_model_options=True)
         comfy.samplers.calc_cond_batch(self.inner_model, self._cond_list(with_uncond=False), x, timestep, options)
         groups = self.concept_maps(capture)
         total = x.new_zeros(())

@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Mapping
 
 import torch
+import torch.utils.checkpoint
 
 from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, forward_timestep_embed, timestep_embedding
 
@@ -35,10 +36,29 @@ def shallow_blocks(unet) -> int:
     return len(unet.input_blocks)
 
 
+def run_block(module, h, emb, context, transformer_options: dict, block: tuple, output_shape=None, **extra):
+    """One UNet block as ComfyUI runs it (``block`` keys the transformer patches)."""
+    transformer_options["block"] = block
+    return forward_timestep_embed(module, h, emb, context, transformer_options, output_shape, **extra)
+
+
+def checkpointed(engine: OnTheFlyLoras | None):
+    """``run_block`` under torch.utils.checkpoint: activations are recomputed in backward, with the LoRA
+    routing of the forward pass restored around the recomputation (the routed context has ended by then)."""
+    def run(module, h, emb, context, transformer_options, block, output_shape=None, **extra):
+        rows = engine._rows if engine is not None else None
+
+        def body(h, emb, context):
+            with engine.routed(rows) if rows is not None else _null():
+                return run_block(module, h, emb, context, dict(transformer_options), block, output_shape, **extra)
+        return torch.utils.checkpoint.checkpoint(body, h, emb, context, use_reentrant=False)
+    return run
+
+
 def split_forward(unet, x, timesteps, context, y, transformer_options: dict, deep_rows: torch.Tensor,
-                  cached: torch.Tensor | None, engine: OnTheFlyLoras | None, **kwargs):
+                  cached: torch.Tensor | None, engine: OnTheFlyLoras | None, block_runner=run_block, **kwargs):
     """UNet output with the deep part run only for ``deep_rows`` (others take ``cached``); returns
-    (output, deep feature of every row)."""
+    (output, deep feature of every row). ``block_runner`` runs each block (plain or checkpointed)."""
     transformer_options["original_shape"] = list(x.shape)
     transformer_options["transformer_index"] = 0
     extra = {k: kwargs.get(k) for k in ("time_context", "image_only_indicator")}
@@ -51,8 +71,7 @@ def split_forward(unet, x, timesteps, context, y, transformer_options: dict, dee
     hs = []
     h = x
     for index in range(first):
-        transformer_options["block"] = ("input", index)
-        h = forward_timestep_embed(unet.input_blocks[index], h, emb, context, transformer_options, **extra)
+        h = block_runner(unet.input_blocks[index], h, emb, context, transformer_options, ("input", index), **extra)
         hs.append(h)
     deep = cached.clone() if cached is not None else None
     if deep_rows.numel() > 0:
@@ -62,27 +81,24 @@ def split_forward(unet, x, timesteps, context, y, transformer_options: dict, dee
             hd, embd, ctxd = h.index_select(0, deep_rows), emb.index_select(0, deep_rows), context.index_select(0, deep_rows)
             skips = []
             for index in range(first, len(unet.input_blocks)):
-                transformer_options["block"] = ("input", index)
-                hd = forward_timestep_embed(unet.input_blocks[index], hd, embd, ctxd, transformer_options, **extra)
+                hd = block_runner(unet.input_blocks[index], hd, embd, ctxd, transformer_options, ("input", index),
+                                  **extra)
                 skips.append(hd)
-            transformer_options["block"] = ("middle", 0)
             if unet.middle_block is not None:
-                hd = forward_timestep_embed(unet.middle_block, hd, embd, ctxd, transformer_options, **extra)
+                hd = block_runner(unet.middle_block, hd, embd, ctxd, transformer_options, ("middle", 0), **extra)
             for index in range(outputs - first):
-                transformer_options["block"] = ("output", index)
                 hd = torch.cat([hd, skips.pop()], dim=1)
                 shape = skips[-1].shape if skips else hs[-1].shape
-                hd = forward_timestep_embed(unet.output_blocks[index], hd, embd, ctxd, transformer_options,
-                                            shape, **extra)
+                hd = block_runner(unet.output_blocks[index], hd, embd, ctxd, transformer_options, ("output", index),
+                                  shape, **extra)
         if deep is None:
             deep = torch.zeros((x.shape[0],) + hd.shape[1:], dtype=hd.dtype, device=hd.device)
         deep = deep.index_copy(0, deep_rows, hd)
     h = deep
     for index in range(outputs - first, outputs):
-        transformer_options["block"] = ("output", index)
         h = torch.cat([h, hs.pop()], dim=1)
-        h = forward_timestep_embed(unet.output_blocks[index], h, emb, context, transformer_options,
-                                   hs[-1].shape if hs else None, **extra)
+        h = block_runner(unet.output_blocks[index], h, emb, context, transformer_options, ("output", index),
+                         hs[-1].shape if hs else None, **extra)
     return unet.out(h.type(x.dtype)), deep
 
 
@@ -155,3 +171,22 @@ def plan_lookup(branches) -> "callable":
         plan = branches.plan(steps)
         return plan[step_index(sigma, schedule)]
     return lookup
+
+
+class CheckpointedUNet:
+    """DIFFUSION_MODEL wrapper running every UNet block under gradient checkpointing (CLoRA on SDXL):
+    activation memory of the latent gradient drops to one block's, at the cost of a second forward."""
+
+    def __init__(self, engine: OnTheFlyLoras | None):
+        self.engine = engine
+
+    def __call__(self, executor, x, timesteps=None, context=None, y=None, control=None,
+                 transformer_options: Mapping = {}, **kwargs):
+        unet = executor.class_obj
+        patches = transformer_options.get("patches", {})
+        if not torch.is_grad_enabled() or control is not None or any(p in patches for p in UNSUPPORTED_PATCHES):
+            return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+        everything = torch.arange(x.shape[0], device=x.device)
+        out, _ = split_forward(unet, x, timesteps, context, y, transformer_options, everything, None, self.engine,
+                               block_runner=checkpointed(self.engine), **kwargs)
+        return out

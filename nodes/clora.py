@@ -44,6 +44,9 @@ class CloraSampler(io.ComfyNode):
                                tooltip="Fraction of the steps with latent updates (0 = masks only)."),
                 io.Int.Input("refine_iters", default=20, min=0, max=200,
                              tooltip="Extra update iterations at 0 %, 20 % and 40 % of the steps."),
+                io.Boolean.Input("gradient_checkpointing", default=False, optional=True,
+                                 tooltip="Recompute UNet activations in the latent update instead of storing "
+                                         "them: much less memory (SDXL), about one extra forward pass of time."),
             ],
             outputs=[
                 io.Latent.Output(tooltip="The denoised latent."),
@@ -57,10 +60,11 @@ class CloraSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, lora_stack, prompt, negative_prompt, seed, steps, cfg, sampler_name, scheduler,
                 latent_image, denoise, mask_threshold=0.4, temperature=0.5, step_size=20.0, opt_until=0.5,
-                refine_iters=20) -> io.NodeOutput:
+                refine_iters=20, gradient_checkpointing=False) -> io.NodeOutput:
         rows = require_active(lora_stack, "KSampler (CLoRA)", minimum=2)
         settings = CloraSettings(cfg=cfg, mask_threshold=mask_threshold, temperature=temperature,
-                                 step_size=step_size, opt_until=opt_until, refine_iters=refine_iters)
+                                 step_size=step_size, opt_until=opt_until, refine_iters=refine_iters,
+                                 gradient_checkpointing=gradient_checkpointing)
         latent, record = clora_sample(model, clip, prompt, negative_prompt, rows, seed, steps, sampler_name,
                                       scheduler, latent_image, denoise, settings)
         masks = record.final_masks.float()

@@ -331,3 +331,50 @@ def test_shallow_unet_falls_back_to_its_deepest_attention_level(ml, world):
     capture = ml("attention_capture")
     assert set(capture.cross_attention_levels(model.model.diffusion_model).values()) == {0, 1}
     assert capture.capture_level(model.model.diffusion_model) == 1
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_gradient_checkpointing_gives_the_same_gradient(ml, comfy_state, kind, monkeypatch):
+    clora = ml("clora")
+    real_checkpoint = torch.utils.checkpoint.checkpoint
+    checkpoint_calls = []
+
+    def counting(*args, **kwargs):
+        checkpoint_calls.append(1)
+        return real_checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting)
+    model = tiny_models.build_tiny(kind, seed=0)
+    names = []
+    for seed in (101, 102):
+        name = f"clora_ckpt_{kind}_{seed}.safetensors"
+        lora_files.write_lora(model, os.path.join(comfy_state["loras_dir"], name), "kohya", seed=seed)
+        names.append(name)
+    folder_paths.filename_list_cache.clear()
+    s = ml("stack")
+    rows = [s.LoraRow(n, 0.8, concept=w) for n, w in zip(names, ("cat", "dog"))]
+    engine = ml("engine").build_engine(model, rows, "test")
+    clone = model.clone()
+    engine.install(clone)
+    variants = [clora.Variant("p", tiny_models.make_conditioning(kind, seed=v), tiny_models.make_conditioning(kind, seed=9),
+                              {0: [2, 3], 1: [5]}) for v in range(3)]
+    grads = {}
+
+    for flag in (False, True):
+        guider = clora.CloraGuider(clone, engine, variants, settings(ml, gradient_checkpointing=flag),
+                                   clora.CloraRecord(["a", "b"], (8, 8)))
+
+        def probe(model_k, x, sigmas, extra_args=None, callback=None, disable=None, flag=flag, guider=guider):
+            x0 = torch.randn(x.shape, generator=torch.Generator().manual_seed(0)) * float(sigmas[1])
+            grads[flag] = guider.loss_gradient(x0, sigmas[1:2].expand(x.shape[0]), extra_args["model_options"])
+            return x
+
+        latent = torch.zeros(1, 4, 8, 8)
+        sigmas = comfy.samplers.KSampler(clone, 6, "cpu", "euler", "normal", 1.0).sigmas
+        guider.sample(comfy.sample.prepare_noise(latent, 1), latent, comfy.samplers.KSAMPLER(probe), sigmas,
+                      disable_pbar=True, seed=1)
+    assert len(checkpoint_calls) > 0  # blocks really ran checkpointed
+    assert grads[False][0] == pytest.approx(grads[True][0], rel=1e-5)
+    assert grads[False][1].abs().max() > 0
+    torch.testing.assert_close(grads[True][1], grads[False][1], atol=1e-6, rtol=1e-4)
+    assert hooks_left(model) == 0 and weight_functions_left(model) == 0
