@@ -7,6 +7,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from .clora import NODES as CLORA_NODES
 from .cmlora import NODES as CMLORA_NODES
+from .compare import NODES as COMPARE_NODES
 from .sampling import NODES as SAMPLING_NODES
 from .stack import ApplyLoraStack, LoraStackNode
 
@@ -16,4 +17,4 @@ class MultiLoRAExtension(ComfyExtension):
 
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [LoraStackNode, ApplyLoraStack, *SAMPLING_NODES, *CLORA_NODES, *CMLORA_NODES]
+        return [LoraStackNode, ApplyLoraStack, *SAMPLING_NODES, *CLORA_NODES, *CMLORA_NODES, *COMPARE_NODES]

@@ -3,7 +3,7 @@ import nodes
 
 EXPECTED_NODES = {"MultiLoRAStack", "MultiLoRAApplyStack", "MultiLoRASwitchSampler", "MultiLoRACompositeSampler",
                   "MultiLoRASwitch", "MultiLoRACompositeGuider", "MultiLoRACLoRASampler", "MultiLoRAMaskPreview",
-                  "MultiLoRACMLoRASampler", "MultiLoRAFrequencyProfile"}
+                  "MultiLoRACMLoRASampler", "MultiLoRAFrequencyProfile", "MultiLoRACompare"}
 
 
 def test_all_node_ids_registered_without_warnings(comfy_state):
