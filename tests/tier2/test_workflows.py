@@ -302,6 +302,7 @@ def test_ui_to_api_maps_clora_widgets_in_frontend_order():
         "negative_prompt": "blurry, low quality, deformed, watermark, text",
         "seed": 42, "steps": 20, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0,
         "mask_threshold": 0.4, "temperature": 0.5, "step_size": 20.0, "opt_until": 0.5, "refine_iters": 20,
+        "gradient_checkpointing": False,
         "model": [by_type["CheckpointLoaderSimple"], 0], "clip": [by_type["CheckpointLoaderSimple"], 1],
         "lora_stack": [by_type["MultiLoRAStack"], 0], "latent_image": [by_type["EmptyLatentImage"], 0],
     }
