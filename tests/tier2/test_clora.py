@@ -141,13 +141,13 @@ def test_lambda_zero_without_update_is_a_composite_over_variants(ml, world):
         assert len(outs) == 2 * 3  # base + 2 concept variants, cond and uncond
 
 
-def test_sdxl_capture_update_and_fusion(ml, comfy_state):
-    """SDXL layout (linear proj, several transformer blocks per site) with hand-made variant conds."""
+def handmade_variants(ml, comfy_state, kind, seeds, prefix):
+    """A tiny model of ``kind`` with two concept LoRAs installed on a clone, and three hand-made variants."""
     clora = ml("clora")
-    model = tiny_models.build_tiny("sdxl", seed=0)
+    model = tiny_models.build_tiny(kind, seed=0)
     names = []
-    for seed in (61, 62):
-        name = f"clora_sdxl_{seed}.safetensors"
+    for seed in seeds:
+        name = f"{prefix}_{kind}_{seed}.safetensors"
         lora_files.write_lora(model, os.path.join(comfy_state["loras_dir"], name), "kohya", seed=seed)
         names.append(name)
     folder_paths.filename_list_cache.clear()
@@ -156,8 +156,15 @@ def test_sdxl_capture_update_and_fusion(ml, comfy_state):
     engine = ml("engine").build_engine(model, rows, "test")
     clone = model.clone()
     engine.install(clone)
-    variants = [clora.Variant("p", tiny_models.make_conditioning("sdxl", seed=v), tiny_models.make_conditioning("sdxl", seed=9),
+    variants = [clora.Variant("p", tiny_models.make_conditioning(kind, seed=v), tiny_models.make_conditioning(kind, seed=9),
                               {0: [2, 3], 1: [5]}) for v in range(3)]
+    return model, engine, clone, variants
+
+
+def test_sdxl_capture_update_and_fusion(ml, comfy_state):
+    """SDXL layout (linear proj, several transformer blocks per site) with hand-made variant conds."""
+    clora = ml("clora")
+    model, engine, clone, variants = handmade_variants(ml, comfy_state, "sdxl", (61, 62), "clora")
     record = clora.CloraRecord(["a", "b"], (8, 8))
     st = settings(ml)
     guider = clora.CloraGuider(clone, engine, variants, st, record)
@@ -344,20 +351,7 @@ def test_gradient_checkpointing_gives_the_same_gradient(ml, comfy_state, kind, m
         return real_checkpoint(*args, **kwargs)
 
     monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting)
-    model = tiny_models.build_tiny(kind, seed=0)
-    names = []
-    for seed in (101, 102):
-        name = f"clora_ckpt_{kind}_{seed}.safetensors"
-        lora_files.write_lora(model, os.path.join(comfy_state["loras_dir"], name), "kohya", seed=seed)
-        names.append(name)
-    folder_paths.filename_list_cache.clear()
-    s = ml("stack")
-    rows = [s.LoraRow(n, 0.8, concept=w) for n, w in zip(names, ("cat", "dog"))]
-    engine = ml("engine").build_engine(model, rows, "test")
-    clone = model.clone()
-    engine.install(clone)
-    variants = [clora.Variant("p", tiny_models.make_conditioning(kind, seed=v), tiny_models.make_conditioning(kind, seed=9),
-                              {0: [2, 3], 1: [5]}) for v in range(3)]
+    model, engine, clone, variants = handmade_variants(ml, comfy_state, kind, (101, 102), "clora_ckpt")
     grads = {}
 
     for flag in (False, True):
