@@ -342,6 +342,8 @@ def clora_sample(model, clip, prompt: str, negative: str, rows: Sequence[LoraRow
     samples = guider.sample(noise, latent_image, clora_sampler(sampler_name, len(sigmas) - 1, settings), sigmas,
                             denoise_mask=latent.get("noise_mask"), callback=callback,
                             disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+    if record.final_masks is None:  # no step ran (denoise 0): the latent comes back as is, no concept has a region
+        record.final_masks = torch.zeros((len(concepts),) + record.latent_size, dtype=torch.bool)
     out = latent.copy()
     out["samples"] = samples.to(comfy.model_management.intermediate_device())
     return out, record

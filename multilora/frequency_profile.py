@@ -17,6 +17,8 @@ from typing import Sequence
 
 import torch
 
+from .errors import MultiLoRAError
+
 HIGH_RADIUS_FRACTION = 0.2
 
 
@@ -61,6 +63,18 @@ def high_frequency_score(image: torch.Tensor) -> float:
     if batch.shape[-2] < 2 or batch.shape[-1] < 2:
         raise ValueError(f"CMLoRA profiling: image must be at least 2×2 pixels, got {tuple(batch.shape[-2:])}.")
     return sum(_score_one(g) for g in batch) / batch.shape[0]
+
+
+def check_profile_images(images: torch.Tensor, labels: Sequence[str], node: str) -> None:
+    """MultiLoRAError unless ``images`` is [B, H, W, C] with H, W ≥ 2 and the first len(labels) images finite."""
+    if images.dim() != 4 or images.shape[1] < 2 or images.shape[2] < 2:
+        raise MultiLoRAError(f"{node}: 'images' must be a batch of images at least 2×2 pixels, got shape "
+                             f"{list(images.shape)}. Connect decoded images (VAE Decode), one per enabled row.")
+    for i, label in enumerate(labels):
+        if not bool(torch.isfinite(images[i]).all()):
+            raise MultiLoRAError(f"{node}: image {i + 1} of 'images' (for '{label}') has NaN/Inf pixels and cannot "
+                                 "be scored. Decode it again (an fp16 VAE can overflow: try an fp32 or fixed VAE) "
+                                 "or regenerate that image.")
 
 
 def rank_by_score(scores: Sequence[float]) -> list[int]:

@@ -8,8 +8,11 @@ adapters stay low-rank factors; everything else becomes a dense ΔW computed onc
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
@@ -18,13 +21,15 @@ import comfy.lora_convert
 import comfy.utils
 import comfy.weight_adapter
 
-from .errors import LoraFileError
+from .errors import LoraFileError, UnsupportedAdapterError
 from .lowrank import (CONV, GROUP_NORM, LAYER_NORM, LINEAR, DensePart, LayerDeltas, LayerSpec,
                       LowRankPart, fuse_layer)
 
 log = logging.getLogger("multilora")
 
 TEXT_ENCODER_PREFIXES = ("lora_te", "text_encoder", "te_", "lora_te1_", "lora_te2_", "text_encoders.")
+FAMILY_NAMES = {"SD15": "SD1.5", "SD20": "SD2.x", "SD21UnclipL": "SD2.1 unCLIP", "SD21UnclipH": "SD2.1 unCLIP",
+                "SDXL": "SDXL", "SDXLRefiner": "SDXL refiner", "SD3": "SD3", "Flux": "Flux"}
 
 
 @dataclass(frozen=True)
@@ -63,12 +68,40 @@ def tucker_down(down: torch.Tensor, mid: torch.Tensor) -> torch.Tensor:
     return kernel
 
 
+def model_family(model) -> str:
+    """Human name of a comfy BaseModel's family ("SD1.5", "SDXL", "Flux"), from its supported_models config."""
+    config = getattr(model, "model_config", None)
+    name = type(config).__name__ if config is not None else type(model).__name__
+    return FAMILY_NAMES.get(name, name)
+
+
+@contextlib.contextmanager
+def loader_errors(name: str, node: str) -> Iterator[None]:
+    """Turn what ComfyUI's LoRA loader raises on malformed files into a LoraFileError naming node and LoRA."""
+    try:
+        yield
+    except KeyError as exc:  # e.g. a lora_up.weight whose lora_down.weight is missing
+        missing = exc.args[0] if exc.args else exc
+        raise LoraFileError(
+            f"{node}: LoRA '{name}' is missing tensor '{missing}' that another tensor of the same layer needs. "
+            "The file is incomplete or damaged; download it again."
+        ) from exc
+    except (IndexError, RuntimeError, TypeError, ValueError) as exc:
+        if isinstance(exc, LoraFileError):
+            raise
+        raise LoraFileError(
+            f"{node}: LoRA '{name}' could not be interpreted by ComfyUI's LoRA loader ({exc}). The file is "
+            "damaged or in a format this ComfyUI does not know; update ComfyUI or use another version."
+        ) from exc
+
+
 def unet_patches(model, tensors: dict, name: str, node: str) -> dict:
     """ComfyUI's patch dict {model_key: adapter} for the UNet part of a LoRA file."""
     key_map = comfy.lora.model_lora_keys_unet(model, {})
-    converted = comfy.lora_convert.convert_lora(tensors)
-    patches = comfy.lora.load_lora(converted, key_map, log_missing=False)
-    family = type(model).__name__
+    with loader_errors(name, node):
+        converted = comfy.lora_convert.convert_lora(tensors)
+        patches = comfy.lora.load_lora(converted, key_map, log_missing=False)
+    family = model_family(model)
     text_encoder = sum(1 for k in converted if k.startswith(TEXT_ENCODER_PREFIXES))
     if not patches:
         hint = " It only has text-encoder weights." if text_encoder and text_encoder == len(converted) else (
@@ -85,7 +118,37 @@ def unet_patches(model, tensors: dict, name: str, node: str) -> dict:
     return patches
 
 
-def _dense_delta(adapter, weight: torch.Tensor, key, strength: float, offset) -> torch.Tensor:
+def misfit(node: str, name: str, key: str, weight_shape: tuple[int, ...], problem: str) -> LoraFileError:
+    """The error for a LoRA tensor whose shape does not fit the layer it targets."""
+    return LoraFileError(
+        f"{node}: LoRA '{name}' does not fit layer '{key}' (weight shape {list(weight_shape)}): {problem}. "
+        "The file is damaged or made for another model; use a LoRA made for this checkpoint."
+    )
+
+
+def check_factors(up: torch.Tensor, down: torch.Tensor, weight_shape: tuple[int, ...], offset, key: str,
+                  name: str, node: str) -> None:
+    """LoraFileError unless B (out×r) @ A (r×in) fits the weight (or its offset slice), with r ≥ 1 on both sides."""
+    shapes = f"shapes {list(up.shape)} and {list(down.shape)}"
+    if up.dim() < 2 or down.dim() < 2:
+        raise misfit(node, name, key, weight_shape, f"its up/down factors must be matrices, got {shapes}")
+    rank_up, rank_down = up.flatten(1).shape[1], down.shape[0]
+    if rank_up == 0 or rank_down == 0:
+        raise misfit(node, name, key, weight_shape, f"its factors have rank 0 ({shapes})")
+    if rank_up != rank_down:
+        raise misfit(node, name, key, weight_shape,
+                     f"the up factor has rank {rank_up} but the down factor rank {rank_down} ({shapes})")
+    rows = offset[2] if offset is not None else weight_shape[0]
+    if up.shape[0] != rows:
+        raise misfit(node, name, key, weight_shape,
+                     f"the up factor of shape {list(up.shape)} gives {up.shape[0]} outputs, the layer has {rows}")
+    inputs = math.prod(weight_shape[1:])
+    if down.flatten(1).shape[1] != inputs:
+        raise misfit(node, name, key, weight_shape, f"the down factor of shape {list(down.shape)} takes "
+                     f"{down.flatten(1).shape[1]} inputs, the layer has {inputs}")
+
+
+def _dense_delta(adapter, weight: torch.Tensor, key, strength: float, offset, name: str, node: str) -> torch.Tensor:
     """ΔW = adapter applied to a float32 copy of W, minus W (full shape, zero outside an offset slice)."""
     base = weight.detach().to(torch.float32).clone()
     target = base.narrow(offset[0], offset[1], offset[2]) if offset is not None else base
@@ -95,8 +158,14 @@ def _dense_delta(adapter, weight: torch.Tensor, key, strength: float, offset) ->
     else:
         kind, values = (adapter[0], adapter[1]) if len(adapter) == 2 and isinstance(adapter[0], str) else ("diff", adapter)
         if kind != "diff":
-            raise LoraFileError(f"patch type '{kind}' on {key} cannot be applied on the fly")
-        patched = target + strength * values[0].to(torch.float32).reshape(target.shape)
+            raise UnsupportedAdapterError(
+                f"{node}: LoRA '{name}' uses a '{kind}' patch on '{key}', which the on-the-fly engine cannot "
+                "apply. Merge it with Apply LoRA Stack and a stock KSampler instead, or remove it from the stack."
+            )
+        diff = values[0]
+        if diff.numel() != target.numel():
+            raise misfit(node, name, key, tuple(target.shape), f"its diff has shape {list(diff.shape)}")
+        patched = target + strength * diff.to(torch.float32).reshape(target.shape)
     full = torch.zeros_like(base)
     slot = full.narrow(offset[0], offset[1], offset[2]) if offset is not None else full
     slot.copy_(patched - original)
@@ -127,14 +196,18 @@ def build_layers(base_model, sources: list[LoraSource], node: str) -> dict[str, 
             if is_plain_lora:
                 up, down, alpha, mid = weights[0], weights[1], weights[2], weights[3]
                 if mid is not None:
+                    if mid.dim() != 4 or down.dim() < 2 or mid.shape[1] != down.shape[0]:
+                        raise misfit(node, source.name, key, tuple(module.weight.shape), f"its Tucker core of shape "
+                                     f"{list(mid.shape)} does not match the down factor of shape {list(down.shape)}")
                     down = tucker_down(down, mid)
+                check_factors(up, down, tuple(module.weight.shape), offset, key, source.name, node)
                 rank = weights[1].shape[0]
                 scale = source.strength * (alpha / rank if alpha is not None else 1.0)
                 lowrank.setdefault(module_path, []).append(
                     LowRankPart(index, down.float(), up.float(), float(scale), offset[1] if offset else 0))
                 continue
             param_tensor = getattr(module, param)
-            delta = _dense_delta(adapter, param_tensor, key, source.strength, offset)
+            delta = _dense_delta(adapter, param_tensor, key, source.strength, offset, source.name, node)
             parts = dense.setdefault(module_path, [])
             existing = next((p for p in parts if p.lora == index), None)
             if existing is None:

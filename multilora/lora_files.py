@@ -1,7 +1,10 @@
 """Reading LoRA files once: a bounded cache keyed by (path, mtime, size).
 
 Host module. Only safetensors files are accepted: pickled .ckpt/.pt/.bin files can run code when
-loaded, and every LoRA in circulation exists as safetensors.
+loaded, and every LoRA in circulation exists as safetensors. A file is checked once, when it is read:
+every floating tensor must be finite (a NaN/Inf weight turns every sampled image into NaN) and every
+``.alpha`` must be a single number (ComfyUI's loader calls ``.item()`` on it). Only files that pass
+are cached.
 """
 from __future__ import annotations
 
@@ -62,6 +65,7 @@ def read_lora_file(path: str, node: str = "LoRA Stack") -> dict[str, torch.Tenso
             f"{node}: LoRA file '{os.path.basename(path)}' could not be read ({exc}). "
             "The file is damaged or incomplete; download it again."
         ) from exc
+    check_lora_tensors(tensors, os.path.basename(path), node)
     with _lock:
         read_count += 1
         _cache[key] = tensors
@@ -69,6 +73,33 @@ def read_lora_file(path: str, node: str = "LoRA Stack") -> dict[str, torch.Tenso
             _cache.popitem(last=False)
     log.debug("read LoRA file %s (%d tensors)", path, len(tensors))
     return tensors
+
+
+def _non_finite(tensor: torch.Tensor) -> bool:
+    if not tensor.is_floating_point():
+        return False
+    if tensor.element_size() == 1:  # fp8: isfinite is not implemented for it on every backend
+        tensor = tensor.to(torch.float16)
+    return not bool(torch.isfinite(tensor).all())
+
+
+def check_lora_tensors(tensors: dict[str, torch.Tensor], name: str, node: str = "LoRA Stack") -> None:
+    """LoraFileError unless every floating tensor is finite and every ``.alpha`` is a single number."""
+    bad_alpha = next((k for k, t in tensors.items() if k.endswith(".alpha") and t.numel() != 1), None)
+    if bad_alpha is not None:
+        raise LoraFileError(
+            f"{node}: LoRA file '{name}' has an alpha with {tensors[bad_alpha].numel()} values in '{bad_alpha}'; "
+            "alpha must be a single number. The file is damaged or was written by a broken converter; "
+            "download or convert it again."
+        )
+    bad = [k for k, t in tensors.items() if _non_finite(t)]
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise LoraFileError(
+            f"{node}: LoRA file '{name}' contains NaN/Inf (non-finite) values in '{bad[0]}'{more}; every image "
+            "made with it would be NaN. The file is broken (e.g. a diverged training run or a bad fp16 "
+            "conversion); use another version of this LoRA."
+        )
 
 
 def _cached_bytes() -> int:

@@ -10,7 +10,7 @@ from typing import Sequence
 
 import comfy.sd
 
-from .lora_bank import TEXT_ENCODER_PREFIXES
+from .lora_bank import TEXT_ENCODER_PREFIXES, loader_errors
 from .lora_files import read_lora_file, resolve_lora_path
 from .stack import LoraRow
 
@@ -27,5 +27,6 @@ def merge_rows(model, clip, rows: Sequence[LoraRow], node: str):
             tensors = {k: v for k, v in tensors.items() if k.startswith(TEXT_ENCODER_PREFIXES) == keep_text}
             if not tensors:
                 continue
-        model, clip = comfy.sd.load_lora_for_models(model, clip, tensors, row.strength_model, row.strength_clip)
+        with loader_errors(row.name, node):
+            model, clip = comfy.sd.load_lora_for_models(model, clip, tensors, row.strength_model, row.strength_clip)
     return model, clip

@@ -7,6 +7,7 @@ Pure module: no ComfyUI imports.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 from .errors import StackError
@@ -91,6 +92,12 @@ def build_row(
         raise StackError(
             f"{node}: row {row_number}: category '{category}' is not one of {', '.join(CATEGORIES)}."
         )
+    for field_name, value in (("strength_model", strength_model), ("strength_clip", strength_clip)):
+        if not math.isfinite(float(value)):  # NaN passes ComfyUI's min/max validation
+            raise StackError(
+                f"{node}: row {row_number}: '{field_name}_{row_number}' is {value}, not a number. "
+                "Set a strength between -100 and 100."
+            )
     return LoraRow(
         name=clean,
         strength_model=float(strength_model),

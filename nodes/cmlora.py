@@ -5,7 +5,7 @@ from comfy_api.latest import io
 
 from ..multilora.cmlora import cmlora_model
 from ..multilora.errors import StackError
-from ..multilora.frequency_profile import high_frequency_score
+from ..multilora.frequency_profile import check_profile_images, high_frequency_score
 from ..multilora.ksampler import ksample
 from ..multilora.stack import LoraStack, require_active
 from .sampling import STACK_TIP, ksampler_inputs
@@ -69,6 +69,7 @@ class FrequencyProfile(io.ComfyNode):
         if images.shape[0] != len(active):
             raise StackError(f"{node}: got {images.shape[0]} images for {len(active)} enabled LoRAs. Give one "
                              "image per enabled row, in stack order.")
+        check_profile_images(images, [r.name for r in active], node)
         scores = iter([high_frequency_score(images[i]) for i in range(len(active))])
         rows = tuple(r.__class__(**{**r.__dict__, "hf_score": next(scores)}) if r.enabled else r
                      for r in lora_stack.rows)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import comfy.samplers
 from comfy_api.latest import io
 
+from ..multilora.errors import StackError
 from ..multilora.methods import CompositeGuider, composite_model, switch_model
 from ..multilora.ksampler import ksample
 from ..multilora.stack import require_active
@@ -42,8 +43,15 @@ def weighting_input() -> io.Input:
     return io.Combo.Input("weighting", options=["uniform", "stack strengths"], default="uniform", tooltip=WEIGHTING_TIP)
 
 
-def fusion_weights(rows, weighting: str):
-    return None if weighting == "uniform" else [abs(r.strength_model) for r in rows]
+def fusion_weights(rows, weighting: str, node: str):
+    """None (uniform) or |model strength| per row; a StackError when 'stack strengths' has nothing to weigh."""
+    if weighting == "uniform":
+        return None
+    weights = [abs(r.strength_model) for r in rows]
+    if sum(weights) <= 0:
+        raise StackError(f"{node}: weighting 'stack strengths' needs a non-zero model strength on at least one "
+                         "enabled row, but every strength is 0. Set a strength or use weighting 'uniform'.")
+    return weights
 
 
 class LoraSwitchModel(io.ComfyNode):
@@ -103,7 +111,7 @@ class LoraCompositeSampler(io.ComfyNode):
                 latent_image, denoise, weighting="uniform") -> io.NodeOutput:
         node = "KSampler (LoRA Composite)"
         rows = require_active(lora_stack, node)
-        patched = composite_model(model, rows, fusion_weights(rows, weighting), node)
+        patched = composite_model(model, rows, fusion_weights(rows, weighting, node), node)
         return io.NodeOutput(ksample(patched, seed, steps, cfg, sampler_name, scheduler, positive, negative,
                                      latent_image, denoise))
 
@@ -129,7 +137,7 @@ class LoraCompositeGuider(io.ComfyNode):
     def execute(cls, model, lora_stack, positive, negative, cfg, weighting="uniform") -> io.NodeOutput:
         node = "LoRA Composite Guider"
         rows = require_active(lora_stack, node)
-        guider = CompositeGuider(model, rows, fusion_weights(rows, weighting), node)
+        guider = CompositeGuider(model, rows, fusion_weights(rows, weighting, node), node)
         guider.set_conds(positive, negative)
         guider.set_cfg(cfg)
         return io.NodeOutput(guider)
