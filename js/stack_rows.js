@@ -12,16 +12,24 @@ function rowOf(widget) {
   return Number(match[2]);
 }
 
+// The frontend lays widgets out by computeSize() whether or not they are hidden, so a hidden row gets a
+// zero-height one. Most widgets have no computeSize of their own (the layout then uses the default row
+// height): on showing, an own one is put back and a borrowed one deleted, or the row keeps zero height and
+// is drawn on top of the next widget.
+const SAVED = Symbol("multilora.computeSize");
+
 function setHidden(widget, hidden) {
-  if (widget.hidden === hidden) return;
-  widget.hidden = hidden;
-  if (hidden) {
-    widget.multilora_computeSize ??= widget.computeSize;
+  if (hidden && !(SAVED in widget)) {
+    const own = Object.prototype.hasOwnProperty.call(widget, "computeSize");
+    widget[SAVED] = { own, computeSize: widget.computeSize };
     widget.computeSize = () => [0, -4];
-  } else if (widget.multilora_computeSize !== undefined) {
-    widget.computeSize = widget.multilora_computeSize;
-    delete widget.multilora_computeSize;
+  } else if (!hidden && SAVED in widget) {
+    const saved = widget[SAVED];
+    delete widget[SAVED];
+    if (saved.own) widget.computeSize = saved.computeSize;
+    else delete widget.computeSize;
   }
+  widget.hidden = hidden;
 }
 
 function applyRows(node) {
