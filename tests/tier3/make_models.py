@@ -1,0 +1,37 @@
+"""Write the model files the example workflows name, for the tiny real-format SD1.5 checkpoint.
+
+Usage: ``python tests/tier3/make_models.py MODELS_DIR``. Writes ``MODELS_DIR/checkpoints/<the workflows'
+checkpoint name>`` (the tiny checkpoint of ``support.tiny_checkpoint``, ~540 MB) and the demo LoRAs in
+``MODELS_DIR/loras/``. Existing files are kept, so a cache folder is filled once. Runs in its own process:
+it boots ComfyUI headless, which the browser tier's pytest process does not need.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))  # tests/, for support.*
+
+from support.comfy_boot import boot  # noqa: E402
+
+CHECKPOINT_NAME = "v1-5-pruned-emaonly.safetensors"
+"""The checkpoint every workflow in workflows/ loads (see workflows/README.md)."""
+
+
+def main(models_dir: str) -> int:
+    boot()
+    from support.tiny_checkpoint import ensure_demo_loras, write_tiny_sd15_checkpoint
+
+    checkpoints = os.path.join(models_dir, "checkpoints")
+    loras = os.path.join(models_dir, "loras")
+    os.makedirs(checkpoints, exist_ok=True)
+    checkpoint = os.path.join(checkpoints, CHECKPOINT_NAME)
+    if not os.path.exists(checkpoint):
+        write_tiny_sd15_checkpoint(checkpoint, seed=0)
+    ensure_demo_loras(loras, checkpoint)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(os.path.abspath(sys.argv[1])))
