@@ -145,7 +145,9 @@ class ComfyPage:
         return response.request.post_data_json, {"status": response.status, **response.json()}
 
     def wait_for_image(self, node_id: int, timeout_ms: int = 30_000) -> list[dict]:
-        """The images an output node shows on the canvas, once at least one has loaded."""
+        """The images an output node shows on the canvas, once at least one has loaded. The frontend loads
+        them when it draws the node, so the view is moved onto it first."""
+        self.js("id => multiloraTest.centerOn(id)", node_id)
         self.page.wait_for_function(
             "id => (window.app.graph.getNodeById(id).imgs ?? []).some(i => i.complete && i.naturalWidth > 0)",
             arg=node_id, timeout=timeout_ms)

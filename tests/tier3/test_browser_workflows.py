@@ -1,0 +1,121 @@
+"""Every workflow in workflows/ opens in the real frontend without problems, runs from the Run button and
+shows its images; a broken copy is flagged.
+
+The server has the tiny real-format SD1.5 checkpoint and the demo LoRAs under the names the workflows use,
+so nothing is missing. Before queueing, the sizes are scaled down in the widgets as a person would (64x64
+latent, 4 steps, CLoRA with 2 refinement iterations, LoRA Switch every step) to keep the CPU run short.
+"""
+from __future__ import annotations
+
+import copy
+import glob
+import json
+import os
+
+import pytest
+from PIL import Image
+
+from support.pack_loader import REPO_ROOT
+
+WORKFLOWS = sorted(glob.glob(os.path.join(REPO_ROOT, "workflows", "*.json")))
+SCALED_DOWN = {
+    "EmptyLatentImage": {"width": 64, "height": 64, "batch_size": 1},
+    "*": {"steps": 4, "refine_iters": 2, "switch_every": 1},
+}
+
+
+def load(path: str) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def scale_down(ui) -> None:
+    for node_id in ui.js("() => window.app.graph.nodes.map(n => n.id)"):
+        names = {w["name"] for w in ui.widgets(node_id)}
+        node_type = ui.js("id => window.app.graph.getNodeById(id).type", node_id)
+        for key in (node_type, "*"):
+            for name, value in SCALED_DOWN.get(key, {}).items():
+                if name in names:
+                    ui.set_widget(node_id, name, value)
+
+
+def check_png(path: str) -> None:
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size == (64, 64), (image.format, image.size)
+
+
+def test_there_are_workflows():
+    assert len(WORKFLOWS) >= 6
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=os.path.basename)
+def test_workflow_opens_runs_and_shows_its_images(ui, comfy, path):
+    workflow = load(path)
+    ui.open_workflow(path)
+    assert ui.problems() == []
+
+    scale_down(ui)
+    prompt, answer = ui.queue()
+    assert answer["status"] == 200 and answer.get("node_errors") == {}, answer
+    expected = {str(n["id"]) for n in workflow["nodes"] if n.get("mode", 0) == 0}
+    assert set(prompt["prompt"]) == expected  # every node goes to the server, none lost on the way
+
+    history = comfy.wait_for_history(answer["prompt_id"])
+    status = history["status"]
+    assert status["status_str"] == "success", json.dumps(status["messages"])[-3000:]
+    assert ui.js("multiloraTest.nodeErrors()")["flagged"] == []
+
+    saved = [n for n in workflow["nodes"] if n["type"] == "SaveImage"]
+    assert saved
+    for node in saved:
+        images = history["outputs"][str(node["id"])]["images"]
+        assert len(images) == 1 and images[0]["type"] == "output"
+        check_png(comfy.output_file(images[0]))
+        shown = ui.wait_for_image(node["id"])
+        assert shown[0]["width"] == 64 and shown[0]["height"] == 64
+
+    for node in workflow["nodes"]:
+        if node["type"] != "MultiLoRAMaskPreview":
+            continue
+        images = history["outputs"][str(node["id"])]["images"]
+        assert len(images) == 1 and images[0]["type"] == "temp"
+        check_png(comfy.output_file(images[0]))
+        shown = ui.wait_for_image(node["id"])  # the overlay is drawn on the node itself
+        assert shown and shown[0]["complete"] and shown[0]["width"] == 64
+        assert images[0]["filename"] in shown[0]["src"]
+
+
+def test_a_workflow_with_an_unknown_node_is_flagged(ui, tmp_path):
+    """A copy of a workflow whose LoRA Stack became an unknown node type: the same check that passes the
+    real workflows above reports it (and the frontend shows its missing-nodes dialog), so a workflow that
+    references a node this pack no longer has fails the suite."""
+    source = os.path.join(REPO_ROOT, "workflows", "multilora_merge.json")
+    broken = copy.deepcopy(load(source))
+    victim = next(n for n in broken["nodes"] if n["type"] == "MultiLoRAStack")
+    victim["type"] = "MultiLoRANoSuchNode"
+    path = tmp_path / "multilora_merge_broken.json"
+    path.write_text(json.dumps(broken), encoding="utf-8")
+
+    ui.open_workflow(str(path))
+    ui.page.locator(".comfy-missing-nodes").wait_for(timeout=10_000)
+    problems = ui.problems()
+    assert "missing node type MultiLoRANoSuchNode" in problems
+    assert any(p.startswith("missing-nodes dialog") and "MultiLoRANoSuchNode" in p for p in problems)
+    assert ui.missing_node_types() == ["MultiLoRANoSuchNode"]
+
+    # The untouched file still opens clean in the same page (the check flags the copy, not the pack).
+    ui.page.keyboard.press("Escape")
+    ui.open_workflow(source)
+    ui.page.wait_for_timeout(500)
+    assert ui.missing_node_types() == [] and ui.invalid_widgets() == []
+
+
+def test_a_workflow_with_a_model_file_the_server_lacks_is_flagged(ui, tmp_path):
+    """A LoRA file name the server does not have is an invalid (red) input for the same check."""
+    broken = load(os.path.join(REPO_ROOT, "workflows", "multilora_switch.json"))
+    stack = next(n for n in broken["nodes"] if n["type"] == "MultiLoRAStack")
+    stack["widgets_values"][stack["widgets_values"].index("demo_style.safetensors")] = "no_such_lora.safetensors"
+    path = tmp_path / "multilora_switch_missing_lora.json"
+    path.write_text(json.dumps(broken), encoding="utf-8")
+    ui.open_workflow(str(path))
+    assert ui.problems() == [f"node {stack['id']} MultiLoRAStack: lora_2 = 'no_such_lora.safetensors' is not one of its options"]
