@@ -75,9 +75,10 @@ app.registerExtension({
         original?.call(rowsWidget, value);
         applyRows(this);
       };
-      // Buttons go last and are not serialized, so widget indexes of saved workflows never shift.
-      const add = this.addWidget("button", "+ add LoRA row", null, () => changeRows(this, +1));
-      const remove = this.addWidget("button", "− remove last row", null, () => changeRows(this, -1));
+      // Buttons go last and are not serialized, so widget indexes of saved workflows never shift
+      // (widget.serialize) and the API prompt gets no inputs named after them (options.serialize).
+      const add = this.addWidget("button", "+ add LoRA row", null, () => changeRows(this, +1), { serialize: false });
+      const remove = this.addWidget("button", "− remove last row", null, () => changeRows(this, -1), { serialize: false });
       add.serialize = false;
       remove.serialize = false;
       applyRows(this);

@@ -65,15 +65,22 @@
       graph().setDirtyCanvas(true, true);
     },
 
-    // Page coordinates of the middle of a widget, for real mouse clicks; null when off screen.
+    // Moves the view so a widget is in the middle of the canvas at zoom 1; returns its page coordinates.
     widgetCenter(id, name) {
       const node = nodeById(id);
       const widget = node.widgets.find((w) => w.name === name);
+      if (!widget) throw new Error(`node ${id} (${node.type}) has no widget ${name}`);
       const canvas = window.app.canvas;
-      const height = widget.computedHeight ?? window.LiteGraph.NODE_WIDGET_HEIGHT;
-      const [x, y] = canvas.ds.convertCanvasToOffset([node.pos[0] + node.size[0] / 2, node.pos[1] + widget.y + height / 2]);
       const rect = canvas.canvas.getBoundingClientRect();
-      return { x: rect.left + x, y: rect.top + y };
+      const height = widget.computedHeight ?? window.LiteGraph.NODE_WIDGET_HEIGHT;
+      const point = [node.pos[0] + node.size[0] / 2, node.pos[1] + widget.y + height / 2];
+      canvas.ds.scale = 1;
+      canvas.ds.offset[0] = rect.width / 2 - point[0];
+      canvas.ds.offset[1] = rect.height / 2 - point[1];
+      canvas.setDirty(true, true);
+      // Canvas to page coordinates: (p + offset) * scale (ds.convertCanvasToOffset is stale in this frontend).
+      const { offset, scale } = canvas.ds;
+      return { x: rect.left + (point[0] + offset[0]) * scale, y: rect.top + (point[1] + offset[1]) * scale };
     },
 
     centerOn(id) {

@@ -140,7 +140,9 @@ class ComfyServer:
                     and entry["status"].get("status_str") in ("success", "error"):
                 return entry
             time.sleep(0.5)
-        raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout:.0f} s; queue: {self.get('/api/queue')}")
+        queue = self.get("/api/queue")
+        raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout:.0f} s; running: "
+                           f"{[item[1] for item in queue['queue_running']]}, pending: {len(queue['queue_pending'])}")
 
     def output_file(self, image: dict) -> str:
         """Path of an image an output node reported ({filename, subfolder, type})."""

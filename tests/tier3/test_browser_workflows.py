@@ -2,8 +2,8 @@
 shows its images; a broken copy is flagged.
 
 The server has the tiny real-format SD1.5 checkpoint and the demo LoRAs under the names the workflows use,
-so nothing is missing. Before queueing, the sizes are scaled down in the widgets as a person would (64x64
-latent, 4 steps, CLoRA with 2 refinement iterations, LoRA Switch every step) to keep the CPU run short.
+so nothing is missing. Before queueing, the sizes are scaled down in the widgets (``ComfyPage.scale_down``)
+to keep the CPU run short.
 """
 from __future__ import annotations
 
@@ -18,27 +18,6 @@ from PIL import Image
 from support.pack_loader import REPO_ROOT
 
 WORKFLOWS = sorted(glob.glob(os.path.join(REPO_ROOT, "workflows", "*.json")))
-SCALED_DOWN = {
-    "EmptyLatentImage": {"width": 64, "height": 64, "batch_size": 1},
-    "*": {"steps": 4, "refine_iters": 2, "switch_every": 1},
-}
-
-
-def load(path: str) -> dict:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def scale_down(ui) -> None:
-    for node_id in ui.js("() => window.app.graph.nodes.map(n => n.id)"):
-        names = {w["name"] for w in ui.widgets(node_id)}
-        node_type = ui.js("id => window.app.graph.getNodeById(id).type", node_id)
-        for key in (node_type, "*"):
-            for name, value in SCALED_DOWN.get(key, {}).items():
-                if name in names:
-                    ui.set_widget(node_id, name, value)
-
-
 def check_png(path: str) -> None:
     with Image.open(path) as image:
         assert image.format == "PNG" and image.size == (64, 64), (image.format, image.size)
@@ -54,7 +33,7 @@ def test_workflow_opens_runs_and_shows_its_images(ui, comfy, path):
     ui.open_workflow(path)
     assert ui.problems() == []
 
-    scale_down(ui)
+    ui.scale_down()
     prompt, answer = ui.queue()
     assert answer["status"] == 200 and answer.get("node_errors") == {}, answer
     expected = {str(n["id"]) for n in workflow["nodes"] if n.get("mode", 0) == 0}

@@ -25,6 +25,13 @@ VIEWPORT = {"width": 1400, "height": 900}
 APP_READY = ("() => window.app?.graph && window.app.canvas && document.querySelector('#comfy-file-input')"
              " && window.LiteGraph?.registered_node_types?.MultiLoRAStack")
 
+SCALED_DOWN = {
+    "EmptyLatentImage": {"width": 64, "height": 64, "batch_size": 1},
+    "*": {"steps": 4, "refine_iters": 2, "switch_every": 1},
+}
+"""Widget values set before queueing a workflow on the CPU: 64x64 latent, 4 steps, CLoRA with 2 refinement
+iterations, LoRA Switch every step (so 4 steps still cycle through the LoRAs), as the tier-2 workflow tests."""
+
 with open(os.path.join(HERE, "page_helpers.js"), encoding="utf-8") as _f:
     PAGE_HELPERS = _f.read()
 
@@ -104,11 +111,20 @@ class ComfyPage:
     def set_widget(self, node_id: int, name: str, value: Any) -> None:
         self.js("([id, name, value]) => multiloraTest.setWidget(id, name, value)", [node_id, name, value])
 
+    def scale_down(self) -> None:
+        """Set the ``SCALED_DOWN`` widget values on every node that has them."""
+        for node_id in self.js("() => window.app.graph.nodes.map(n => n.id)"):
+            names = {w["name"] for w in self.widgets(node_id)}
+            node_type = self.js("id => window.app.graph.getNodeById(id).type", node_id)
+            for key in (node_type, "*"):
+                for name, value in SCALED_DOWN.get(key, {}).items():
+                    if name in names:
+                        self.set_widget(node_id, name, value)
+
     def click_widget(self, node_id: int, name: str) -> None:
         """A real mouse click on a canvas widget (e.g. a button) of a node."""
-        self.js("id => multiloraTest.centerOn(id)", node_id)
-        self.page.wait_for_timeout(200)
         point = self.js("([id, name]) => multiloraTest.widgetCenter(id, name)", [node_id, name])
+        self.page.wait_for_timeout(200)
         self.page.mouse.click(point["x"], point["y"])
         self.page.wait_for_timeout(150)
 
