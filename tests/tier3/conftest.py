@@ -9,23 +9,18 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 
 import pytest
 
-from support.pack_loader import REPO_ROOT
+from tier3.make_models import ensure_models
 from tier3.server import ComfyServer
 from tier3.ui import CHROMIUM, CHROMIUM_ARGS, VIEWPORT, ComfyPage
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ARTIFACTS = os.path.join(HERE, "artifacts")
-MODELS_CACHE = os.path.join(REPO_ROOT, ".cache", "tier3-models")
-"""The tiny checkpoint and demo LoRAs under the names the workflows use; written once (~40 s, ~550 MB)."""
-MODEL_FILES = ("checkpoints/v1-5-pruned-emaonly.safetensors", "loras/demo_character.safetensors",
-               "loras/demo_style.safetensors", "loras/demo_background.safetensors")
+
 
 
 def missing_tools() -> list[str]:
@@ -63,10 +58,7 @@ def tools() -> None:
 
 @pytest.fixture(scope="session")
 def models_dir(tools) -> str:
-    if not all(os.path.exists(os.path.join(MODELS_CACHE, f)) for f in MODEL_FILES):
-        subprocess.run([sys.executable, os.path.join(HERE, "make_models.py"), MODELS_CACHE], check=True,
-                       timeout=900, stdout=subprocess.DEVNULL)
-    return MODELS_CACHE
+    return ensure_models()
 
 
 @pytest.fixture(scope="session")

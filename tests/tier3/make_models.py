@@ -8,15 +8,29 @@ it boots ComfyUI headless, which the browser tier's pytest process does not need
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # tests/, for support.*
 
 from support.comfy_boot import boot  # noqa: E402
+from support.pack_loader import REPO_ROOT  # noqa: E402
 
 CHECKPOINT_NAME = "v1-5-pruned-emaonly.safetensors"
 """The checkpoint every workflow in workflows/ loads (see workflows/README.md)."""
+MODELS_CACHE = os.path.join(REPO_ROOT, ".cache", "tier3-models")
+"""Where the browser tier keeps these files (git-ignored); written once, ~40 s and ~550 MB."""
+MODEL_FILES = (f"checkpoints/{CHECKPOINT_NAME}", "loras/demo_character.safetensors",
+               "loras/demo_style.safetensors", "loras/demo_background.safetensors")
+
+
+def ensure_models(models_dir: str = MODELS_CACHE) -> str:
+    """``models_dir`` with every file of MODEL_FILES, written by this script in a child process if missing."""
+    if not all(os.path.exists(os.path.join(models_dir, f)) for f in MODEL_FILES):
+        subprocess.run([sys.executable, os.path.abspath(__file__), models_dir], check=True, timeout=900,
+                       stdout=subprocess.DEVNULL)
+    return models_dir
 
 
 def main(models_dir: str) -> int:
