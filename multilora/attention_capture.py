@@ -5,11 +5,14 @@ conditional chunks only.
 
 The attn2 replacement returns ComfyUI's own optimized attention for every call, so outputs are those of the
 stock model; only at the chosen resolution does it also compute the (small) logits q·kᵀ of the conditional
-chunks to record the columns of the concept tokens. Host module.
+chunks to record the columns of the concept tokens. For the latent update, which needs the maps and nothing
+the UNet computes after them, ``StopAfterCapture`` ends each model call once the last capture site has been
+recorded (SD1.5: output blocks 6–11 and the output conv are skipped). Host module.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Mapping
 
 import torch
 
@@ -21,6 +24,14 @@ from .errors import MultiLoRAError
 
 class CrossAttentionRequired(MultiLoRAError):
     """The model has no UNet cross-attention (DiT families)."""
+
+
+class CaptureComplete(Exception):
+    """Raised by a ConceptAttention after the last site of a model call: nothing later changes its maps."""
+
+    def __init__(self, capture: "ConceptAttention"):
+        super().__init__("concept attention captured")
+        self.capture = capture
 
 
 def cross_attention_levels(diffusion_model) -> dict[tuple[str, int, int], int]:
@@ -55,10 +66,11 @@ def cross_attention_sites(diffusion_model) -> list[tuple[str, int, int]]:
     return list(cross_attention_levels(diffusion_model))
 
 
-def capture_level(diffusion_model) -> int:
-    """The paper's latent/4 level (2) when the UNet has cross-attention there, else the deepest level it has."""
-    levels = set(cross_attention_levels(diffusion_model).values())
-    return 2 if 2 in levels or not levels else max(levels)
+def capture_level(diffusion_model, levels: dict[tuple[str, int, int], int] | None = None) -> int:
+    """The paper's latent/4 level (2) when the UNet has cross-attention there, else the deepest level it has
+    (``levels``: the model's ``cross_attention_levels`` when the caller has them already)."""
+    found = set((cross_attention_levels(diffusion_model) if levels is None else levels).values())
+    return 2 if 2 in found or not found else max(found)
 
 
 @dataclass
@@ -67,16 +79,37 @@ class ConceptAttention:
 
     ``columns``: cond index (position in the guider's cond list) → token positions to record; chunks of other
     cond indices (unconditional ones) are not recorded. ``maps[cond_index]`` collects one [rows, H·W, T]
-    tensor per captured layer call; ``size`` is the (H, W) of the captured level.
+    tensor per captured layer call; ``size`` is the (H, W) of the captured level. ``stop_after``: the number of
+    capture sites a model call passes; with it set, the last of them raises ``CaptureComplete`` (only under a
+    ``StopAfterCapture`` wrapper, which re-arms it for every call). ``index_cache``: (cond index, device) → the
+    token positions as a device tensor; pass one dict for all captures of a run with the same ``columns``.
     """
 
     size: tuple[int, int]
     columns: dict[int, list[int]]
     enabled: bool = True
     maps: dict[tuple[int, int], dict[int, list[torch.Tensor]]] = field(default_factory=dict)
+    stop_after: int | None = None
+    index_cache: dict = field(default_factory=dict, repr=False)
+    _armed: bool = field(default=False, repr=False)
+    _seen: int = field(default=0, repr=False)
 
     def reset(self) -> None:
         self.maps = {}
+
+    def arm(self) -> None:
+        """Start counting capture sites for a new model call (StopAfterCapture)."""
+        self._armed = self.stop_after is not None
+        self._seen = 0
+
+    def _positions(self, cond_index: int, positions: list[int], device: torch.device) -> torch.Tensor:
+        # One host→device copy per cond and device for the whole run instead of one per layer call.
+        key = (cond_index, device)
+        index = self.index_cache.get(key)
+        if index is None:
+            index = torch.tensor(positions, device=device)
+            self.index_cache[key] = index
+        return index
 
     def _wanted(self, size: tuple[int, int]) -> bool:
         return tuple(size) == tuple(self.size)
@@ -98,8 +131,13 @@ class ConceptAttention:
             qc = q[c * rows:(c + 1) * rows].reshape(rows, -1, heads, dim).transpose(1, 2).float()
             kc = k[c * rows:(c + 1) * rows].reshape(rows, -1, heads, dim).transpose(1, 2).float()
             probs = torch.softmax(qc @ kc.transpose(-1, -2) * dim ** -0.5, dim=-1)
-            index = torch.tensor(positions, device=probs.device)
+            index = self._positions(int(cond_index), positions, probs.device)
             level.setdefault(int(cond_index), []).append(probs.index_select(-1, index).mean(1))
+        if self._armed:
+            self._seen += 1
+            if self._seen >= self.stop_after:
+                self._armed = False
+                raise CaptureComplete(self)
         return out
 
     def level(self) -> tuple[int, int] | None:
@@ -117,9 +155,32 @@ class ConceptAttention:
         return mean.transpose(1, 2).reshape(mean.shape[0], mean.shape[2], height, width)
 
 
-def install_capture(model_options: dict, diffusion_model, capture: ConceptAttention) -> None:
-    """Put ``capture`` on every cross-attention site in (a copy of) model_options' patches_replace."""
-    sites = cross_attention_sites(diffusion_model)
+class StopAfterCapture:
+    """DIFFUSION_MODEL wrapper ending the UNet call once ``capture`` has recorded its last site (the latent
+    update needs only the maps): returns zeros in place of the prediction, which the caller must not use."""
+
+    def __init__(self, capture: ConceptAttention):
+        self.capture = capture
+
+    def __call__(self, executor, x, timesteps=None, context=None, y=None, control=None,
+                 transformer_options: Mapping = {}, **kwargs):
+        self.capture.arm()
+        try:
+            return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+        except CaptureComplete as stop:
+            if stop.capture is not self.capture:
+                raise
+            channels = getattr(executor.class_obj, "out_channels", x.shape[1])
+            return x.new_zeros((x.shape[0], channels) + tuple(x.shape[2:]))
+        finally:
+            self.capture._armed = False
+
+
+def install_capture(model_options: dict, diffusion_model, capture: ConceptAttention,
+                    sites: list[tuple[str, int, int]] | None = None) -> None:
+    """Put ``capture`` on every cross-attention site in (a copy of) model_options' patches_replace
+    (``sites``: the model's cross-attention sites when the caller has them already)."""
+    sites = cross_attention_sites(diffusion_model) if sites is None else sites
     if not sites:
         raise CrossAttentionRequired(
             "CLoRA: this model has no UNet cross-attention (Flux, SD3 and other DiT models are not supported). "

@@ -29,8 +29,8 @@ import comfy.sample
 import comfy.samplers
 import comfy.utils
 
-from .attention_capture import (ConceptAttention, CrossAttentionRequired, capture_level, capture_size,
-                                cross_attention_sites, install_capture)
+from .attention_capture import (ConceptAttention, CrossAttentionRequired, StopAfterCapture, capture_level, capture_size,
+                                cross_attention_levels, cross_attention_sites, install_capture)
 from .clora_masks import check_threshold, fuse_with_masks, masks_from_maps
 from .contrastive import concept_contrastive_loss, normalize_maps
 from .engine import build_engine
@@ -44,6 +44,7 @@ from .stack import LoraRow
 
 NODE = "CLoRA"
 CHECKPOINT_KEY = "multilora.gradient_checkpointing"
+STOP_KEY = "multilora.clora_stop_after_capture"
 
 
 @dataclass
@@ -79,6 +80,13 @@ class CloraRecord:
     losses: list[float] = field(default_factory=list)
     final_masks: torch.Tensor | None = None
 
+    def to_cpu(self) -> "CloraRecord":
+        """Move the stored maps and masks to the CPU (the guider keeps them on the device while sampling)."""
+        self.steps = [[m.cpu() for m in step] for step in self.steps]
+        if self.final_masks is not None:
+            self.final_masks = self.final_masks.cpu()
+        return self
+
 
 def split_rows(rows: Sequence[LoraRow]) -> tuple[list[LoraRow], list[LoraRow]]:
     """(concept rows, global style rows); CLoRA needs at least two LoRAs with concept words."""
@@ -111,34 +119,94 @@ def refine_steps(steps: int, fractions: Sequence[float]) -> set[int]:
     return {int(f * steps) for f in fractions}
 
 
+def _shares_memory(p: torch.Tensor) -> bool:
+    """A plain strided parameter (not a quantized/tensor-subclass one) that can be aliased."""
+    return type(p) is torch.nn.Parameter and p.layout == torch.strided
+
+
+def _normal_alias(p: torch.Tensor) -> torch.nn.Parameter:
+    """A frozen normal (non-inference) Parameter over ``p``'s memory: no copy, and autograd may save it."""
+    with torch.inference_mode(False):
+        alias = torch.nn.Parameter(torch.empty(0, dtype=p.dtype, device=p.device), requires_grad=False)
+        alias.set_(p.untyped_storage(), p.storage_offset(), p.size(), p.stride())
+    return alias
+
+
+def _cached_alias(p: torch.Tensor, aliases: dict | None) -> torch.nn.Parameter:
+    """``_normal_alias(p)``, reused from ``aliases`` (id → (parameter, alias)) while it still views p's memory."""
+    if aliases is None:
+        return _normal_alias(p)
+    entry = aliases.get(id(p))
+    if entry is not None and entry[0] is p and entry[1].data_ptr() == p.data_ptr() \
+            and entry[1].shape == p.shape and entry[1].stride() == p.stride():
+        return entry[1]
+    alias = _normal_alias(p)
+    aliases[id(p)] = (p, alias)
+    return alias
+
+
 @contextlib.contextmanager
-def gradient_ready(diffusion_model: torch.nn.Module):
-    """Autograd through ComfyUI's ops: per-forward copies of every weight and bias (an identity weight/bias
-    function forces ComfyUI's cast path to copy), parameters frozen; all undone in ``finally``."""
+def gradient_ready(diffusion_model: torch.nn.Module, share_weights: bool = True, aliases: dict | None = None):
+    """Autograd through ComfyUI's ops on inference-mode weights (ENV.md recipe); all undone in ``finally``.
+
+    ``share_weights``: every plain inference-tensor parameter is swapped for a normal tensor over the same
+    memory, so ops keep their plain forward and nothing is copied. The aliases have no version counter link
+    to the weights: the caller must keep everything from writing the weights until backward is done (see
+    ``unmerged``). Parameters that cannot be aliased (tensor subclasses) and, with ``share_weights=False``,
+    all of them get per-forward copies instead (an identity weight/bias function forces ComfyUI's cast path
+    to copy). Parameters still in use are frozen. ``aliases``: a dict kept by the caller to reuse the aliases
+    over several passes (it holds the weights' memory: drop it when sampling ends)."""
     def identity(t):
         return t
+    swapped = []
     touched = []
     frozen = []
     try:
         for module in diffusion_model.modules():
-            if isinstance(getattr(module, "weight_function", None), list):
+            params = module._parameters
+            needs_copies = not share_weights
+            for name, p in list(params.items()):
+                if p is None:
+                    continue
+                if share_weights and p.is_inference() and _shares_memory(p):
+                    alias = _cached_alias(p, aliases)
+                    swapped.append((params, name, p))
+                    params[name] = alias
+                    continue
+                needs_copies = needs_copies or p.is_inference()
+                if p.requires_grad:
+                    frozen.append(p)
+            if needs_copies and isinstance(getattr(module, "weight_function", None), list):
                 module.weight_function.append(identity)
                 module.bias_function.append(identity)
                 touched.append(module)
-        for p in diffusion_model.parameters():
-            if p.requires_grad:
-                frozen.append(p)
         with torch.inference_mode():
             for p in frozen:
                 p.requires_grad_(False)
         yield
     finally:
+        for params, name, original in reversed(swapped):
+            params[name] = original
         for module in touched:
             module.weight_function.remove(identity)
             module.bias_function.remove(identity)
         with torch.inference_mode():
             for p in frozen:
                 p.requires_grad_(True)
+
+
+@contextlib.contextmanager
+def unmerged(engine: OnTheFlyLoras):
+    """The engine on its hooks alone inside the block: W₀ back in the targeted weights and no merging, so
+    nothing writes the weights that a gradient pass shares (CLoRA's calls mix variants and use the hooks
+    anyway; a call split off by a low-memory batch stays on the hooks too instead of merging)."""
+    previous = engine.merge_uniform
+    engine.restore_weights()
+    engine.merge_uniform = False
+    try:
+        yield
+    finally:
+        engine.merge_uniform = previous
 
 
 class CloraGuider(comfy.samplers.CFGGuider):
@@ -158,6 +226,18 @@ class CloraGuider(comfy.samplers.CFGGuider):
             conds[f"u{v}"] = variant.negative
         self.inner_set_conds(conds)
         self.cfg = settings.cfg
+        self._levels: dict | None = None
+        self._in_gradient_pass = False
+        self._aliases: dict | None = None
+        self._index_cache: dict = {}  # token positions on the device, for every capture of this guider
+        self._schedule_source = None
+        self._schedule: list[float] | None = None
+
+    def _capture_levels(self) -> dict:
+        """Cross-attention site → level of this guider's UNet (its structure does not change)."""
+        if self._levels is None:
+            self._levels = cross_attention_levels(self.model_patcher.model.diffusion_model)
+        return self._levels
 
     def _cond_list(self, with_uncond: bool = True) -> list:
         out = []
@@ -170,13 +250,17 @@ class CloraGuider(comfy.samplers.CFGGuider):
         options = comfy.model_patcher.create_model_options_clone(model_options)
         options["transformer_options"] = dict(options.get("transformer_options", {}))
         options["transformer_options"][ROUTING_KEY] = self.routing
-        install_capture(options, self.model_patcher.model.diffusion_model, capture)
+        install_capture(options, self.model_patcher.model.diffusion_model, capture, list(self._capture_levels()))
         return options
 
     def _capture(self, x: torch.Tensor) -> ConceptAttention:
         columns = {2 * v: [p for g in sorted(var.groups) for p in var.groups[g]] for v, var in enumerate(self.variants)}
-        level = capture_level(self.model_patcher.model.diffusion_model)
-        return ConceptAttention(capture_size(x.shape[-2], x.shape[-1], level), columns)
+        levels = self._capture_levels()
+        height, width = x.shape[-2], x.shape[-1]
+        size = capture_size(height, width, capture_level(self.model_patcher.model.diffusion_model, levels))
+        # Sites whose activations have the captured size: a model call passes exactly these many captures.
+        sites = sum(1 for level in levels.values() if capture_size(height, width, level) == size)
+        return ConceptAttention(size, columns, stop_after=sites or None, index_cache=self._index_cache)
 
     def concept_maps(self, capture: ConceptAttention) -> list[list[torch.Tensor]]:
         """Per concept g: the [rows, T, h, w] maps of its tokens in every variant where they occur."""
@@ -197,8 +281,13 @@ class CloraGuider(comfy.samplers.CFGGuider):
         capture = self._capture(x)
         options = self._options(model_options, capture)
         if self.settings.gradient_checkpointing:
+            # No early stop here: it would end a checkpointed block half-way, and backward recomputes blocks.
             comfy.patcher_extension.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL,
                                                          CHECKPOINT_KEY, CheckpointedUNet(self.engine), options,
+                                                         is_model_options=True)
+        else:  # the loss needs the maps only: skip the UNet after the last capture site (outputs unused)
+            comfy.patcher_extension.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL,
+                                                         STOP_KEY, StopAfterCapture(capture), options,
                                                          is_model_options=True)
         comfy.samplers.calc_cond_batch(self.inner_model, self._cond_list(with_uncond=False), x, timestep, options)
         groups = self.concept_maps(capture)
@@ -209,39 +298,82 @@ class CloraGuider(comfy.samplers.CFGGuider):
             total = total + concept_contrastive_loss(per_concept, self.settings.temperature)
         return total / rows
 
-    def loss_gradient(self, x: torch.Tensor, sigma: torch.Tensor, model_options: dict) -> tuple[float, torch.Tensor]:
-        """(L, ∇ₓL) with autograd enabled inside ComfyUI's inference mode (ENV.md recipe)."""
-        with torch.inference_mode(False), torch.enable_grad(), gradient_ready(self.model_patcher.model.diffusion_model):
+    @contextlib.contextmanager
+    def gradient_pass(self):
+        """Autograd inside ComfyUI's inference mode (ENV.md recipe): weights shared as normal tensors, the
+        engine on its hooks; entered once for all iterations of an update (re-entering is free)."""
+        if self._in_gradient_pass:
+            yield
+            return
+        with torch.inference_mode(False), torch.enable_grad(), unmerged(self.engine), \
+                gradient_ready(self.model_patcher.model.diffusion_model, aliases=self._aliases):
+            self._in_gradient_pass = True
+            try:
+                yield
+            finally:
+                self._in_gradient_pass = False
+
+    @contextlib.contextmanager
+    def weight_aliases_kept(self):
+        """Reuse the gradient passes' weight aliases over the block (one sampling run), then drop them."""
+        previous = self._aliases
+        self._aliases = {} if previous is None else previous
+        try:
+            yield
+        finally:
+            self._aliases = previous
+
+    def _value_and_gradient(self, x: torch.Tensor, sigma: torch.Tensor, model_options: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        with self.gradient_pass():
             latent = x.detach().clone().requires_grad_(True)
             value = self.loss(latent, sigma.detach().clone(), model_options)
             (grad,) = torch.autograd.grad(value, latent)
-        return float(value.detach()), grad.detach()
+        return value.detach(), grad.detach()
+
+    def loss_gradient(self, x: torch.Tensor, sigma: torch.Tensor, model_options: dict) -> tuple[float, torch.Tensor]:
+        """(L, ∇ₓL) with autograd enabled inside ComfyUI's inference mode (ENV.md recipe)."""
+        value, grad = self._value_and_gradient(x, sigma, model_options)
+        return float(value), grad
 
     def update_latent(self, x: torch.Tensor, sigma: torch.Tensor, iterations: int, model_options: dict) -> torch.Tensor:
         """x ← x − α·(1+σ²)·∇ₓL, ``iterations`` times (α in VP-latent units, SPEC §3.5)."""
         scale = self.settings.step_size * (1.0 + float(sigma.flatten()[0]) ** 2)
-        for _ in range(iterations):
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            value, grad = self.loss_gradient(x, sigma, model_options)
-            self.record.losses.append(value)
-            x = x - scale * grad.to(x.dtype)
+        outer_inference = torch.is_inference_mode_enabled()
+        values = []
+        with self.gradient_pass():
+            for _ in range(iterations):
+                comfy.model_management.throw_exception_if_processing_interrupted()
+                value, grad = self._value_and_gradient(x, sigma, model_options)
+                values.append(value)
+                with torch.inference_mode(outer_inference):  # x stays the kind of tensor the sampler gave
+                    x = x - scale * grad.to(x.dtype)
+        if values:  # one host sync per update instead of one per iteration
+            self.record.losses.extend(float(v) for v in torch.stack(values).tolist())
         return x
 
+    def _step_of(self, timestep: torch.Tensor, model_options: dict) -> int:
+        """Step index of a model call; the schedule is read to the host once per run, not once per step."""
+        transformer_options = model_options.get("transformer_options", {})
+        source = transformer_options.get("sample_sigmas")
+        if source is not self._schedule_source:
+            self._schedule_source = source
+            self._schedule = sample_sigmas_of_call(transformer_options)
+        sigma = sigma_of_call({"sigmas": timestep})
+        return step_index(sigma, self._schedule) if self._schedule else 0
+
     def predict_noise(self, x, timestep, model_options={}, seed=None):
+        step = self._step_of(timestep, model_options)  # before the UNet call: its host sync waits for nothing
         capture = self._capture(x)
         options = self._options(model_options, capture)
         outputs = comfy.samplers.calc_cond_batch(self.inner_model, self._cond_list(), x, timestep, options)
         groups = self.concept_maps(capture)
-        sigma = sigma_of_call({"sigmas": timestep})
-        schedule = sample_sigmas_of_call(model_options.get("transformer_options", {}))
-        step = step_index(sigma, schedule) if schedule else 0
         size = tuple(x.shape[-2:])
-        masks = torch.stack([masks_from_maps([torch.cat([m[r] for m in g], dim=0) for g in groups],
-                                            self.settings.mask_threshold, size) for r in range(x.shape[0])])
+        # All rows at once ([B, T, h, w] maps): per-map normalisation and thresholds, as row by row.
+        masks = masks_from_maps([torch.cat(g, dim=1) for g in groups], self.settings.mask_threshold, size)
         if step >= len(self.record.steps):  # one entry per sampling step (multi-evaluation samplers: the first)
-            self.record.steps.append([normalize_maps(torch.cat([m[0] for m in g], dim=0).flatten(0, -3)).cpu()
-                                      for g in groups])
-        self.record.final_masks = masks[0].cpu()
+            self.record.steps.append([normalize_maps(torch.cat([m[0] for m in g], dim=0).flatten(0, -3))
+                                      for g in groups])  # on the device until the run ends (CloraRecord.to_cpu)
+        self.record.final_masks = masks[0]
         cond = [outputs[2 * v] for v in range(len(self.variants))]
         uncond = [outputs[2 * v + 1] for v in range(len(self.variants))]
         if step >= self.settings.apply_mask_after:
@@ -276,10 +408,12 @@ def clora_sampler(sampler_name: str, steps_total: int, settings: CloraSettings) 
                 return None
             return lambda d: callback({**d, "i": d["i"] + offset})
 
-        for i in range(optimise):
-            iterations = 1 + (settings.refine_iters if i in refine else 0)
-            x = guider.update_latent(x, sigmas[i:i + 1].expand(x.shape[0]), iterations, model_options)
-            x = function(model, x, sigmas[i:i + 2], extra_args=extra_args, callback=shifted(i), disable=True, **extra)
+        with guider.weight_aliases_kept():
+            for i in range(optimise):
+                iterations = 1 + (settings.refine_iters if i in refine else 0)
+                x = guider.update_latent(x, sigmas[i:i + 1].expand(x.shape[0]), iterations, model_options)
+                x = function(model, x, sigmas[i:i + 2], extra_args=extra_args, callback=shifted(i), disable=True,
+                             **extra)
         if optimise < n:
             x = function(model, x, sigmas[optimise:], extra_args=extra_args, callback=shifted(optimise),
                          disable=disable, **extra)
@@ -342,6 +476,7 @@ def clora_sample(model, clip, prompt: str, negative: str, rows: Sequence[LoraRow
     samples = guider.sample(noise, latent_image, clora_sampler(sampler_name, len(sigmas) - 1, settings), sigmas,
                             denoise_mask=latent.get("noise_mask"), callback=callback,
                             disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+    record.to_cpu()
     if record.final_masks is None:  # no step ran (denoise 0): the latent comes back as is, no concept has a region
         record.final_masks = torch.zeros((len(concepts),) + record.latent_size, dtype=torch.bool)
     out = latent.copy()

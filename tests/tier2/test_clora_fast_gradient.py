@@ -1,0 +1,269 @@
+"""CLoRA's fast gradient pass (issue #6) == the straightforward one, inside a real ComfyUI on the CPU.
+
+Straightforward path (the first implementation, kept as ``gradient_ready(share_weights=False)``): ComfyUI's cast
+path copies every weight and bias per forward (identity weight/bias functions) and the UNet runs to its end.
+Fast path: the inference-mode weights are shared through normal-tensor aliases (no copies, ops on their plain
+forward), the engine stays on its hooks, and the UNet call stops after the last attention-capture site.
+Both run the same kernels on the same values along every path that reaches the loss, so the loss, ∇ₓL and the
+updated latent are compared bit for bit (atol = rtol = 0).
+"""
+import contextlib
+import functools
+import os
+
+import pytest
+import torch
+
+import comfy.model_management
+import comfy.sample
+import comfy.samplers
+import folder_paths
+import nodes
+from support import lora_files, tiny_models
+
+
+@pytest.fixture(scope="module")
+def inference_worlds(comfy_state, ml):
+    """Per kind: a tiny model built under inference mode (weights are inference tensors, as in the executor),
+    two concept LoRAs and a style LoRA on a clone, and three hand-made variants."""
+    worlds = {}
+    with torch.inference_mode():
+        for kind in ("sd15", "sdxl"):
+            model = tiny_models.build_tiny(kind, seed=4)
+            names = []
+            for seed in (81, 82, 83):
+                name = f"clora_fast_{kind}_{seed}.safetensors"
+                lora_files.write_lora(model, os.path.join(comfy_state["loras_dir"], name), "kohya", seed=seed)
+                names.append(name)
+            folder_paths.filename_list_cache.clear()
+            s = ml("stack")
+            rows = [s.LoraRow(names[0], 0.8, concept="cat"), s.LoraRow(names[1], 0.8, concept="dog"),
+                    s.LoraRow(names[2], 0.5, category="style")]
+            variants = [ml("clora").Variant("p", tiny_models.make_conditioning(kind, seed=v),
+                                            tiny_models.make_conditioning(kind, seed=9), {0: [2, 3], 1: [5]})
+                        for v in range(3)]
+            worlds[kind] = (model, rows, variants)
+    return worlds
+
+
+def straightforward(ml, monkeypatch):
+    """A context running CLoRA's gradient pass the first way: per-forward weight copies, full UNet calls."""
+    clora = ml("clora")
+
+    class FullForward:
+        def __init__(self, capture):
+            pass
+
+        def __call__(self, executor, *args, **kwargs):
+            return executor(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def patched():
+        with monkeypatch.context() as m:
+            m.setattr(clora, "gradient_ready", functools.partial(clora.gradient_ready, share_weights=False))
+            m.setattr(clora, "StopAfterCapture", FullForward)
+            yield
+    return patched()
+
+
+def run_probe(ml, world, probe, steps=6, **settings):
+    """Sample with a KSAMPLER whose function is ``probe(guider, engine, x, sigmas, options)`` (under inference mode)."""
+    clora = ml("clora")
+    model, rows, variants = world
+    with torch.inference_mode():
+        engine = ml("engine").build_engine(model, rows, "test")
+        clone = model.clone()
+        engine.install(clone)
+        record = clora.CloraRecord(["a", "b"], (8, 8))
+        guider = clora.CloraGuider(clone, engine, variants, clora.CloraSettings(cfg=5.0, **settings), record)
+
+        def function(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
+            probe(guider, engine, x, sigmas, extra_args["model_options"])
+            return x
+
+        latent = torch.zeros(1, 4, 8, 8)
+        sigmas = comfy.samplers.KSampler(clone, steps, "cpu", "euler", "normal", 1.0).sigmas
+        guider.sample(comfy.sample.prepare_noise(latent, 1), latent, comfy.samplers.KSAMPLER(function), sigmas,
+                      disable_pbar=True, seed=1)
+    return guider, engine
+
+
+def start_latent(x, sigma):
+    return torch.randn(x.shape, generator=torch.Generator().manual_seed(0)) * float(sigma)
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_fast_update_equals_the_straightforward_update(ml, inference_worlds, kind, monkeypatch):
+    """Loss, ∇ₓL and the latent after 3 update iterations, bit for bit; aliases reused within a run."""
+    seen = {}
+
+    def probe(guider, engine, x, sigmas, options):
+        x0 = seen["x0"] = start_latent(x, sigmas[1])
+        sigma = sigmas[1:2].expand(x.shape[0])
+        with straightforward(ml, monkeypatch):
+            seen["ref_grad"] = guider.loss_gradient(x0, sigma, options)
+            start = len(guider.record.losses)
+            seen["ref_x"] = guider.update_latent(x0, sigma, 3, options)
+            seen["ref_losses"] = guider.record.losses[start:]
+        seen["grad"] = guider.loss_gradient(x0, sigma, options)
+        with guider.weight_aliases_kept():  # as clora_sampler runs it: aliases made once, reused by later passes
+            for key in ("x", "x_again"):
+                start = len(guider.record.losses)
+                seen[key] = guider.update_latent(x0, sigma, 3, options)
+                seen[key + "_losses"] = guider.record.losses[start:]
+            seen["aliases"] = len(guider._aliases)
+        assert guider._aliases is None
+
+    run_probe(ml, inference_worlds[kind], probe)
+    assert seen["ref_grad"][1].abs().max() > 0 and seen["aliases"] > 0
+    assert seen["grad"][0] == seen["ref_grad"][0]
+    torch.testing.assert_close(seen["grad"][1], seen["ref_grad"][1], atol=0, rtol=0)
+    assert len(seen["ref_losses"]) == 3 and seen["x_losses"] == seen["ref_losses"] == seen["x_again_losses"]
+    torch.testing.assert_close(seen["x"], seen["ref_x"], atol=0, rtol=0)
+    torch.testing.assert_close(seen["x_again"], seen["ref_x"], atol=0, rtol=0)
+    assert (seen["x"] - seen["x0"]).abs().max() > 0  # the update moved x
+
+
+def test_gradient_pass_stops_after_the_last_capture_site(ml, inference_worlds):
+    """The last output block (its ResBlock) and the output conv run in predict_noise, not in the gradient pass."""
+    model, _, _ = inference_worlds["sd15"]
+    unet = model.model.diffusion_model
+    calls = {"out": 0, "last": 0}
+    handles = [unet.out.register_forward_pre_hook(lambda *a: calls.__setitem__("out", calls["out"] + 1)),
+               unet.output_blocks[-1][0].register_forward_pre_hook(lambda *a: calls.__setitem__("last", calls["last"] + 1))]
+    seen = {}
+
+    def probe(guider, engine, x, sigmas, options):
+        guider.loss_gradient(start_latent(x, sigmas[1]), sigmas[1:2].expand(x.shape[0]), options)
+        seen["after_gradient"] = dict(calls)
+        guider.predict_noise(x, sigmas[1:2].expand(x.shape[0]), options)
+        seen["after_predict"] = dict(calls)
+
+    try:
+        run_probe(ml, inference_worlds["sd15"], probe)
+    finally:
+        for h in handles:
+            h.remove()
+    assert seen["after_gradient"] == {"out": 0, "last": 0}
+    assert seen["after_predict"] == {"out": 1, "last": 1}
+
+
+def test_merged_weights_at_the_start_of_an_update(ml, inference_worlds, monkeypatch):
+    """If the engine holds a merged LoRA vector when an update starts, the fast pass (which restores W₀ and stays
+    on the hooks) gives the straightforward pass's gradient, and the weights end as W₀."""
+    model, _, _ = inference_worlds["sd15"]
+    before = {k: v.clone() for k, v in model.model.state_dict().items()}
+    seen = {}
+
+    def probe(guider, engine, x, sigmas, options):
+        x0 = start_latent(x, sigmas[1])
+        sigma = sigmas[1:2].expand(x.shape[0])
+        for key, context in (("ref", straightforward(ml, monkeypatch)), ("fast", contextlib.nullcontext())):
+            engine.merge_weights(guider.model_patcher.model, (1.0, 0.0, 1.0))
+            assert engine._merged is not None
+            with context:
+                seen[key] = guider.loss_gradient(x0, sigma, options)
+            seen[key + "_merged_after"] = engine._merged
+            seen[key + "_merge_uniform"] = engine.merge_uniform
+
+    run_probe(ml, inference_worlds["sd15"], probe)
+    assert seen["fast"][0] == seen["ref"][0]
+    torch.testing.assert_close(seen["fast"][1], seen["ref"][1], atol=0, rtol=0)
+    assert seen["fast_merged_after"] is None and seen["fast_merge_uniform"] is True
+    assert all(torch.equal(before[k], v) for k, v in model.model.state_dict().items())
+
+
+def test_user_model_untouched_after_runs_and_cancel(ml, inference_worlds, comfy_state):
+    """Same parameter objects, flags and bits after a full CLoRA run and after a Cancel inside the gradient
+    pass (where the parameters are swapped for aliases); a core KSampler on the model samples bit-identically."""
+    clora = ml("clora")
+    model, rows, variants = inference_worlds["sd15"]
+    unet = model.model.diffusion_model
+    params = dict(unet.named_parameters())
+    flags = {k: p.requires_grad for k, p in params.items()}
+    values = {k: p.clone() for k, p in params.items()}
+
+    def base_sample():
+        with torch.inference_mode():
+            return nodes.common_ksampler(model, 5, 3, 5.0, "euler", "normal", tiny_models.make_conditioning("sd15", seed=1),
+                                         tiny_models.make_conditioning("sd15", seed=2), tiny_models.make_latent("sd15"))[0]["samples"]
+
+    def untouched():
+        now = dict(unet.named_parameters())
+        assert now.keys() == params.keys() and all(now[k] is params[k] for k in params)
+        assert all(p.is_inference() for p in now.values())
+        assert {k: p.requires_grad for k, p in now.items()} == flags
+        assert all(torch.equal(now[k], values[k]) for k in params)
+        assert sum(len(getattr(m, "weight_function", [])) + len(getattr(m, "bias_function", [])) for m in unet.modules()) == 0
+
+    fresh = base_sample()
+    with torch.inference_mode():
+        clip = tiny_models.build_tiny_clip(seed=3)
+        out, record = clora.clora_sample(model, clip, "a photo of a cat and a dog", "blurry",
+                                         [rows[0], rows[1], rows[2]], 3, 4, "euler", "normal",
+                                         {"samples": torch.zeros(1, 4, 8, 8)}, 1.0,
+                                         clora.CloraSettings(cfg=5.0, refine_iters=2))
+    assert torch.isfinite(out["samples"]).all() and len(record.losses) == 2 * (1 + 2)
+    assert record.final_masks.device.type == "cpu" and all(m.device.type == "cpu" for s in record.steps for m in s)
+    untouched()
+
+    original = clora.CloraGuider.loss
+    state = {"n": 0}
+
+    def cancelling(self, *args, **kwargs):
+        state["n"] += 1
+        if state["n"] == 2:
+            swapped = dict(unet.named_parameters())
+            state["swapped"] = sum(swapped[k] is not params[k] and not swapped[k].is_inference() for k in params)
+            raise comfy.model_management.InterruptProcessingException()
+        return original(self, *args, **kwargs)
+
+    clora.CloraGuider.loss = cancelling
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException), torch.inference_mode():
+            clora.clora_sample(model, clip, "a photo of a cat and a dog", "blurry", list(rows), 3, 4, "euler",
+                               "normal", {"samples": torch.zeros(1, 4, 8, 8)}, 1.0,
+                               clora.CloraSettings(cfg=5.0, refine_iters=2))
+    finally:
+        clora.CloraGuider.loss = original
+        comfy.model_management.interrupt_current_processing(False)
+    assert state["swapped"] == len(params)  # the cancel hit while every weight was an alias
+    untouched()
+    torch.testing.assert_close(base_sample(), fresh, atol=0, rtol=0)
+
+
+def test_quantized_like_parameters_fall_back_to_per_forward_copies(ml, inference_worlds, monkeypatch):
+    """Parameters that cannot be aliased (tensor subclasses, e.g. quantized weights) keep the copy path, and
+    the gradient is the same as with every weight aliased."""
+    clora = ml("clora")
+    seen = {}
+    real = clora._shares_memory
+
+    def probe(guider, engine, x, sigmas, options):
+        x0 = start_latent(x, sigmas[1])
+        sigma = sigmas[1:2].expand(x.shape[0])
+        seen["all"] = guider.loss_gradient(x0, sigma, options)
+        with monkeypatch.context() as m:  # pretend the attention projections are not plain parameters
+            m.setattr(clora, "_shares_memory", lambda p: real(p) and p.ndim != 2)
+            unet = guider.model_patcher.model.diffusion_model
+            seen["copies"] = guider.loss_gradient(x0, sigma, options)
+        seen["left"] = sum(len(m.weight_function) for m in unet.modules() if hasattr(m, "weight_function"))
+
+    run_probe(ml, inference_worlds["sdxl"], probe)
+    assert seen["copies"][0] == seen["all"][0] and seen["left"] == 0
+    torch.testing.assert_close(seen["copies"][1], seen["all"][1], atol=0, rtol=0)
+
+
+def test_masks_of_all_rows_at_once_equal_row_by_row(ml):
+    """predict_noise thresholds the [B, T, h, w] maps of every row in one call; the masks are those of the
+    former per-row loop, bit for bit (normalisation, thresholds and resize are per map)."""
+    masks_from_maps = ml("clora_masks").masks_from_maps
+    gen = torch.Generator().manual_seed(5)
+    groups = [[torch.rand(3, 2, 4, 6, generator=gen), torch.rand(3, 1, 4, 6, generator=gen)],
+              [torch.rand(3, 1, 4, 6, generator=gen) ** 3]]
+    for threshold in (0.0, 0.4, 1.0):
+        together = masks_from_maps([torch.cat(g, dim=1) for g in groups], threshold, (8, 11))
+        by_row = torch.stack([masks_from_maps([torch.cat([m[r] for m in g], dim=0) for g in groups], threshold, (8, 11))
+                              for r in range(3)])
+        assert together.dtype == torch.bool and together.shape == (3, 2, 8, 11)
+        assert torch.equal(together, by_row)
