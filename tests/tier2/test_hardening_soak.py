@@ -30,9 +30,10 @@ from support.hardening import (CFG, INPUTS, PROMPT, Fault, forget_dead_loaded_mo
 PROMPTS = 50
 CACHE_BOUND = 4
 SOAK_METHODS = ("merge", "switch", "composite", "cmlora", "clora")
-WARM = range(10, 20)
-"""Prompts whose live-tensor count and RSS are compared with those of prompt i + 30 (same method, stack and seed:
-the sequence repeats every 30 prompts). Prompts 0–4 run each method for the first time (one-time allocations)."""
+WARM = range(15, 20)
+"""Prompts (one per method) whose live-tensor count and RSS are compared with those of prompt i + 30 (same
+method, stack and seed: the sequence repeats every 30 prompts). Prompts 0–4 run each method for the first time
+(one-time allocations); each count is a full gc pass (~0.5 s), so only these ten are taken."""
 RSS_SLACK = 24 * 2**20
 """RSS growth allowed from prompt i to i + 30 (observed: +4.4 MB, allocator pools). Leaking one copy of the tiny
 UNet's weights (4.1 MB) per run would add > 80 MB; smaller leaks are caught by the live-tensor count, which must
