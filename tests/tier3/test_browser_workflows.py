@@ -18,6 +18,13 @@ from PIL import Image
 from support.pack_loader import REPO_ROOT
 
 WORKFLOWS = sorted(glob.glob(os.path.join(REPO_ROOT, "workflows", "*.json")))
+
+
+def load(path: str) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 def check_png(path: str) -> None:
     with Image.open(path) as image:
         assert image.format == "PNG" and image.size == (64, 64), (image.format, image.size)
