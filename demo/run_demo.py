@@ -8,7 +8,8 @@ Two modes, one output layout (one PNG per method, ``sheet.png``, ``timings.md`` 
 * real models (--checkpoint, --lora ...): ComfyUI's own CheckpointLoaderSimple, CLIP Text Encode and VAE
   Decode around the pack's methods, so the images are real images. Names are looked up in the ComfyUI
   install's models/checkpoints and models/loras (--comfyui or $COMFYUI_PATH; else the vendored 0.3.75 tree),
-  or give file paths. CLoRA runs when at least two LoRAs have a --concept word found in --prompt.
+  or give file paths. CLoRA runs when at least two non-style LoRAs have a --concept word (each must be a
+  word of --prompt).
 
 Runs headless on the CPU (the tests' ComfyUI boot), so real-model timings are CPU timings; for GPU timings
 use bench/run_bench.py or the workflows in ComfyUI.
