@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 from support.pack_loader import REPO_ROOT
 
@@ -23,8 +24,13 @@ def layout(ui, node_id: int) -> dict:
             "overlaps": overlaps, "zero_height": zero}
 
 
-def expect_rows(ui, node_id: int, n: int) -> None:
-    assert layout(ui, node_id) == {"rows": n, "shown": list(range(1, n + 1)), "overlaps": [], "zero_height": []}
+def expect_rows(ui, node_id: int, n: int, timeout: float = 5.0) -> None:
+    """The node shows rows 1..n, laid out without overlaps (polled: the canvas lays out on its next frame)."""
+    expected = {"rows": n, "shown": list(range(1, n + 1)), "overlaps": [], "zero_height": []}
+    deadline = time.monotonic() + timeout
+    while (found := layout(ui, node_id)) != expected and time.monotonic() < deadline:
+        ui.page.wait_for_timeout(100)
+    assert found == expected
 
 
 def test_row_buttons_show_hide_save_reload_and_queue(ui, comfy):
