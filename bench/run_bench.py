@@ -10,6 +10,7 @@ Usage (GPU machine): python bench/run_bench.py --models sd15 sdxl --out $OUT
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -134,7 +135,7 @@ def time_method(make_model, kind, steps, repeats):
             "peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
 
 
-def run_model(kind, ml, steps, repeats, ks, folder, partial=None, sequential_ks=(2, 4)):
+def run_model(kind, ml, steps, repeats, ks, folder, partial=None, sequential_ks=(2, 4), with_cmlora=True):
     import comfy.sd
     import comfy.utils
     import comfy.model_management
@@ -147,6 +148,8 @@ def run_model(kind, ml, steps, repeats, ks, folder, partial=None, sequential_ks=
     stack = ml("stack")
     methods = ml("methods")
     engine = ml("engine")
+    cmlora = ml("cmlora")
+    categories = ("character", "clothing", "style", "background", "object")
     results = []
 
     def rows(k):
@@ -183,6 +186,11 @@ def run_model(kind, ml, steps, repeats, ks, folder, partial=None, sequential_ks=
                 continue
             e = record(method, k, make)
             e["ratio"] = round(e["s_per_image"] / base["s_per_image"], 3)
+        if with_cmlora:
+            cm_rows = tuple(stack.LoraRow(n, 0.8, category=categories[i % len(categories)]) for i, n in enumerate(names[:k]))
+            for method, cache in (("CMLoRA (feature cache)", True), ("CMLoRA (no cache)", False)):
+                e = record(method, k, lambda: cmlora.cmlora_model(patcher, cm_rows, 0.5, False, "bench", cache=cache))
+                e["ratio"] = round(e["s_per_image"] / base["s_per_image"], 3)
     for e in results:
         if e["method"].startswith("merged"):
             e["ratio"] = 1.0
@@ -190,7 +198,37 @@ def run_model(kind, ml, steps, repeats, ks, folder, partial=None, sequential_ks=
     return results, layers
 
 
-def run_clora(kind, ml, steps, repeats, ks, folder, partial=None):
+def timed_phases(guider, totals: dict) -> None:
+    """Accumulate synchronised wall time of the guider's two phases (instance attributes, this run only)."""
+    import torch
+    for name in totals:
+        method = getattr(guider, name)
+
+        def timed(*args, _method=method, _name=name, **kwargs):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            out = _method(*args, **kwargs)
+            torch.cuda.synchronize()
+            totals[_name] += time.perf_counter() - start
+            return out
+        setattr(guider, name, timed)
+
+
+@contextlib.contextmanager
+def profile_to(folder: str, name: str):
+    """torch.profiler over one image; top ops by CUDA and by CPU time written to <folder>/<name>.txt."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        yield
+    torch.cuda.synchronize()
+    table = prof.key_averages()
+    with open(os.path.join(folder, f"{name}.txt"), "w") as f:
+        f.write(table.table(sort_by="cuda_time_total", row_limit=30) + "\n\n")
+        f.write(table.table(sort_by="self_cpu_time_total", row_limit=30) + "\n")
+
+
+def run_clora(kind, ml, steps, repeats, ks, folder, partial=None, profile_dir=None):
     """CLoRA with k concept LoRAs, random variant conds (token positions fixed), SPEC defaults."""
     import torch
     import comfy.model_management
@@ -222,20 +260,27 @@ def run_clora(kind, ml, steps, repeats, ks, folder, partial=None):
         comfy.model_management.unload_all_models()
         times = []
         torch.cuda.reset_peak_memory_stats()
-        for r in range(repeats + 1):
+        phases = {"update_latent": 0.0, "predict_noise": 0.0}
+        extra = 2 if profile_dir else 1  # after the timed images: one with phase timers, one profiled
+        for r in range(repeats + 1 + extra):
             record = clora.CloraRecord([str(i) for i in range(k)], (size, size))
             guider = clora.CloraGuider(clone, engine, variants, settings, record)
+            if r == repeats + 1:
+                timed_phases(guider, phases)
+            profiler = profile_to(profile_dir, f"clora-{kind}-k{k}") if r == repeats + 2 else None
             torch.cuda.synchronize()
             start = time.perf_counter()
-            guider.sample(noise, latent, clora.clora_sampler("euler", steps, settings), sigmas, disable_pbar=True, seed=42)
+            with profiler or contextlib.nullcontext():
+                guider.sample(noise, latent, clora.clora_sampler("euler", steps, settings), sigmas, disable_pbar=True, seed=42)
             torch.cuda.synchronize()
-            if r > 0:
+            if 0 < r <= repeats:
                 times.append(time.perf_counter() - start)
-        median = statistics.median(times)
+        median = statistics.median(times) if times else float("nan")
         entry = {"model": kind, "method": f"CLoRA ({steps} steps, refine at 3 steps)", "k": k,
                  "s_per_image": round(median, 3), "s_per_step": round(median / steps, 4),
                  "peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2), "ratio": None,
-                 "loss_first_last": [round(record.losses[0], 4), round(record.losses[-1], 4)]}
+                 "loss_first_last": [round(record.losses[0], 4), round(record.losses[-1], 4)],
+                 "phase_s_last_image": {n: round(v, 3) for n, v in phases.items()}}
         results.append(entry)
         print(json.dumps(entry), flush=True)
         if partial:
@@ -252,6 +297,8 @@ def main():
     parser.add_argument("--ks", nargs="+", type=int, default=[1, 2, 4, 8])
     parser.add_argument("--out", default=os.path.join(REPO, "bench", "results"))
     parser.add_argument("--clora", action="store_true", help="time CLoRA (50 steps by default) instead")
+    parser.add_argument("--profile", action="store_true", help="CLoRA: also profile one extra image (torch.profiler)")
+    parser.add_argument("--no-cmlora", action="store_true", help="skip the CMLoRA rows")
     parser.add_argument("--sequential-ks", nargs="*", type=int, default=[2, 4],
                         help="k values at which Composite also runs with one UNet call per LoRA")
     args = parser.parse_args()
@@ -267,10 +314,12 @@ def main():
         os.makedirs(args.out, exist_ok=True)
         if args.clora:
             results, layers = run_clora(kind, ml, args.steps, args.repeats, args.ks, folder,
-                                        os.path.join(args.out, f"partial-clora-{kind}.jsonl"))
+                                        os.path.join(args.out, f"partial-clora-{kind}.jsonl"),
+                                        args.out if args.profile else None)
         else:
             results, layers = run_model(kind, ml, args.steps, args.repeats, args.ks, folder,
-                                        os.path.join(args.out, f"partial-{kind}.jsonl"), tuple(args.sequential_ks))
+                                        os.path.join(args.out, f"partial-{kind}.jsonl"), tuple(args.sequential_ks),
+                                        not args.no_cmlora)
         meta[f"{kind}_lora_layers"] = layers
         all_results += results
     os.makedirs(args.out, exist_ok=True)
