@@ -25,7 +25,6 @@ import functools
 import importlib
 import importlib.util
 import json
-import math
 import os
 import statistics
 import sys
@@ -33,6 +32,9 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import run_bench  # noqa: E402  (sibling script; imports nothing heavy at module level)
 
 
 def boot_comfy():
@@ -70,43 +72,9 @@ def build_model(channels: int, context: int):
     config = comfy.supported_models.SD15(sd15_layout(channels, context))
     config.set_inference_dtype(torch.float32, None)
     model = config.get_model({}, "", device="cpu")
-    gen = torch.Generator().manual_seed(0)
-    for name, p in model.named_parameters():
-        if p.ndim >= 2:
-            p.normal_(0, 1 / math.sqrt(p[0].numel()), generator=gen)
-        elif name.endswith("bias"):
-            p.normal_(0, 0.02, generator=gen)
-        else:
-            p.fill_(1.0)
+    run_bench.fill_random_(model, torch.Generator().manual_seed(0))
     model.eval()
     return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
-
-
-def write_loras(patcher, count: int, folder: str, rank: int = 16) -> list[str]:
-    """Random kohya LoRAs on attn q/k/v/out, ff and proj_in/out of every transformer block (as run_bench.py)."""
-    import torch
-    from safetensors.torch import save_file
-    targets = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k",
-               "attn2.to_v", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2")
-    state = patcher.model.state_dict()
-    keys = [k for k in state if k.endswith(".weight") and (
-        any(f".{t}.weight" in k for t in targets) and "transformer_blocks" in k or k.endswith(("proj_in.weight", "proj_out.weight")))]
-    names = []
-    for i in range(count):
-        gen = torch.Generator().manual_seed(100 + i)
-        tensors = {}
-        for key in keys:
-            w = state[key]
-            out_f, in_f = w.shape[0], w.shape[1]
-            base = "lora_unet_" + key[len("diffusion_model."):-len(".weight")].replace(".", "_")
-            extra = (1, 1) if w.ndim == 4 else ()
-            tensors[f"{base}.lora_down.weight"] = torch.randn((rank, in_f) + extra, generator=gen) / math.sqrt(in_f)
-            tensors[f"{base}.lora_up.weight"] = torch.randn((out_f, rank) + extra, generator=gen) * 0.05 / math.sqrt(rank)
-            tensors[f"{base}.alpha"] = torch.tensor(float(rank))
-        name = f"cpu_profile_{i}.safetensors"
-        save_file(tensors, os.path.join(folder, name))
-        names.append(name)
-    return names
 
 
 # aten ops that only make tensor metadata or allocate: no kernel on a GPU.
@@ -167,7 +135,7 @@ def main():
 
     with torch.inference_mode():  # as ComfyUI's executor: the model's weights are inference tensors
         patcher = build_model(args.channels, args.context)
-        names = write_loras(patcher, 2, folder)
+        names, _ = run_bench.write_loras(patcher, 2, folder)  # the GPU benchmark's LoRAs (fp16 factors)
         stack = ml("stack")
         rows = [stack.LoraRow(n, 0.8, concept=f"w{i}") for i, n in enumerate(names)]
         engine = ml("engine").build_engine(patcher, rows, "bench")

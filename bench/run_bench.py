@@ -57,6 +57,19 @@ def boot_comfy():
     return lambda name: importlib.import_module(f"multilora_pack.multilora.{name}")
 
 
+def fill_random_(model, gen) -> None:
+    """Random weights that keep activations O(1): N(0, 1/fan_in) matrices, N(0, 0.02²) biases, unit scales."""
+    import torch
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:
+                p.normal_(0, 1 / math.sqrt(p[0].numel()), generator=gen)
+            elif name.endswith("bias"):
+                p.normal_(0, 0.02, generator=gen)
+            else:
+                p.fill_(1.0)
+
+
 def build_unet(kind: str):
     import torch
     import comfy.model_management
@@ -66,15 +79,7 @@ def build_unet(kind: str):
     config.set_inference_dtype(torch.float16, None)
     device = comfy.model_management.get_torch_device()
     model = config.get_model({}, "", device=device)
-    gen = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim >= 2:
-                p.normal_(0, 1 / math.sqrt(p[0].numel()), generator=gen)
-            elif name.endswith("bias"):
-                p.normal_(0, 0.02, generator=gen)
-            else:
-                p.fill_(1.0)
+    fill_random_(model, torch.Generator(device=device).manual_seed(0))
     model.eval()
     return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
 
