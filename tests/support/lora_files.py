@@ -563,3 +563,13 @@ def load_with_comfy(lora_sd: dict[str, torch.Tensor], patcher: comfy.model_patch
         root.removeHandler(collector)
         root.setLevel(old_level)
     return patches, collector.keys
+
+
+def write_lora_set(model, folder: str, prefix: str, seeds) -> list[str]:
+    """One kohya LoRA file per seed for ``model`` in ``folder`` (``<prefix>_<seed>.safetensors``); their names."""
+    names = []
+    for seed in seeds:
+        name = f"{prefix}_{seed}.safetensors"
+        write_lora(model, os.path.join(folder, name), "kohya", seed=seed)
+        names.append(name)
+    return names

@@ -1,5 +1,4 @@
 """CMLoRA (SPEC §4, no feature cache yet) and the frequency profile node inside a real ComfyUI."""
-import os
 
 import pytest
 import torch
@@ -19,11 +18,7 @@ def world(comfy_state, ml):
     out = {}
     for kind in ("sd15", "sdxl"):
         model = tiny_models.build_tiny(kind, seed=0)
-        names = []
-        for seed in (81, 82, 83):
-            name = f"cml_{kind}_{seed}.safetensors"
-            lora_files.write_lora(model, os.path.join(comfy_state["loras_dir"], name), "kohya", seed=seed)
-            names.append(name)
+        names = lora_files.write_lora_set(model, comfy_state["loras_dir"], f"cml_{kind}", (81, 82, 83))
         s = ml("stack")
         out[kind] = (model, tuple(s.LoraRow(n, 0.9, category=c) for n, c in zip(names, CATEGORIES)))
     folder_paths.filename_list_cache.clear()

@@ -2,7 +2,6 @@
 merged LoRAs. Tolerances: float32 CPU; a whole sampling run compounds the ~1e-6 per-call difference of
 on-the-fly vs merged weights over the steps, so runs are compared at 1e-3 (a wrong LoRA or weight moves
 latents by > 1e-1, asserted where it matters); single predictions at 1e-4."""
-import os
 
 import pytest
 import torch
@@ -24,11 +23,7 @@ def world(comfy_state, ml):
     out = {}
     for kind in ("sd15", "sdxl"):
         model = tiny_models.build_tiny(kind, seed=0)
-        names = []
-        for seed in (31, 32, 33):
-            name = f"sc_{kind}_{seed}.safetensors"
-            lora_files.write_lora(model, os.path.join(comfy_state["loras_dir"], name), "kohya", seed=seed)
-            names.append(name)
+        names = lora_files.write_lora_set(model, comfy_state["loras_dir"], f"sc_{kind}", (31, 32, 33))
         out[kind] = (model, names)
     folder_paths.filename_list_cache.clear()
     return out
