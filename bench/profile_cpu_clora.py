@@ -31,9 +31,10 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "testbed"))  # the one ComfyUI boot helper (never the repo root)
 
-import run_bench  # noqa: E402  (sibling script; imports nothing heavy at module level)
-from boot import boot_comfy  # noqa: E402  (testbed/boot.py, put on sys.path by run_bench)
+import bench_models  # noqa: E402  (sibling module; imports nothing heavy at module level)
+from boot import boot_comfy  # noqa: E402  (testbed/boot.py)
 
 
 def sd15_layout(channels: int, context: int) -> dict:
@@ -53,7 +54,7 @@ def build_model(channels: int, context: int):
     config = comfy.supported_models.SD15(sd15_layout(channels, context))
     config.set_inference_dtype(torch.float32, None)
     model = config.get_model({}, "", device="cpu")
-    run_bench.fill_random_(model, torch.Generator().manual_seed(0))
+    bench_models.fill_random_(model, torch.Generator().manual_seed(0))
     model.eval()
     return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
 
@@ -116,7 +117,7 @@ def main():
 
     with torch.inference_mode():  # as ComfyUI's executor: the model's weights are inference tensors
         patcher = build_model(args.channels, args.context)
-        names, _ = run_bench.write_loras(patcher, 2, folder)  # the GPU benchmark's LoRAs (fp16 factors)
+        names, _ = bench_models.write_loras(patcher, 2, folder)  # the GPU benchmark's LoRAs (fp16 factors)
         stack = ml("stack")
         rows = [stack.LoraRow(n, 0.8, concept=f"w{i}") for i, n in enumerate(names)]
         engine = ml("engine").build_engine(patcher, rows, "bench")

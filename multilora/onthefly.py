@@ -6,7 +6,9 @@ ModelPatcher wrappers on a *clone* of the user's model:
 - OUTER_SAMPLE: registers one forward hook per targeted layer when sampling starts and removes them in
   ``finally`` (normal end, Cancel, exceptions), so the shared module is clean after every run;
 - APPLY_MODEL: turns ``transformer_options["cond_or_uncond"]`` and the routing found under
-  ``transformer_options[ROUTING_KEY]`` (or the engine's default) into per-row LoRA weights for that call.
+  ``transformer_options[ROUTING_KEY]`` (or the engine's default) into per-row LoRA weights for that call;
+- DIFFUSION_MODEL: replays the UNet forward from CUDA graphs where that is safe (``cuda_graphs``), with the
+  call's routing weights staged in a device buffer the graph reads.
 
 When every row of a call has the same LoRA weights (LoRA Switch, a single stack applied on the fly) the
 engine instead merges that weight vector into the targeted weights, W ← W₀ + Σ_i w_i ΔW_i (float32 sum,
@@ -25,6 +27,7 @@ import torch
 import comfy.patcher_extension
 import comfy.utils
 
+from .cuda_graphs import GraphedUNet
 from .lowrank import LayerDeltas, apply_layer_deltas, merged_delta
 from .routing import Routing, SameForAll
 
@@ -54,6 +57,8 @@ class OnTheFlyLoras:
         self._mergeable_cache: dict[int, bool] = {}
         self._backups: dict[str, tuple[torch.nn.Parameter, torch.Tensor, torch.nn.Parameter | None, torch.Tensor | None]] = {}
         self.merges = 0
+        self._staged: dict = {}
+        self.graphs = GraphedUNet(self)
 
     # --- routing state for the current model call ---------------------------------------------------
     def row_weights_for(self, chunk_weights: Sequence[Sequence[float]], batch: int) -> torch.Tensor:
@@ -81,9 +86,28 @@ class OnTheFlyLoras:
         key = (device, dtype)
         rows = self._rows_cast.get(key)
         if rows is None:
-            rows = self._rows.to(device=device, dtype=dtype)
+            # Convert from a staged buffer on the device where there is one: no host copy in a CUDA graph.
+            staged = next((t for (d, _), t in self._rows_cast.items() if d == device), None)
+            rows = staged.to(dtype) if staged is not None else self._rows.to(device=device, dtype=dtype)
             self._rows_cast[key] = rows
         return rows
+
+    def graph_routing_key(self) -> tuple:
+        """What fixes the hooked layer set of the call in progress (part of a CUDA graph's signature)."""
+        if self._rows is None:
+            return ("unrouted",)
+        return ("routed", tuple(self._rows.shape), tuple(sorted(self._active)))
+
+    def stage_rows(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Copy the call's row weights into a buffer that lives for the run, so a replayed graph reads them."""
+        if self._rows is None:
+            return
+        key = (device, dtype, tuple(self._rows.shape))
+        buffer = self._staged.get(key)
+        if buffer is None:
+            buffer = self._staged[key] = torch.empty(self._rows.shape, device=device, dtype=dtype)
+        buffer.copy_(self._rows)
+        self._rows_cast[(device, dtype)] = buffer
 
     # --- hooks ----------------------------------------------------------------------------------------
     def _hook(self, path: str, deltas: LayerDeltas):
@@ -113,6 +137,8 @@ class OnTheFlyLoras:
                 handle.remove()
             if handles:
                 self._attached -= 1
+            self.graphs.reset()
+            self._staged.clear()
             self.restore_weights()
 
     def active_loras(self) -> frozenset[int]:
@@ -213,6 +239,7 @@ class OnTheFlyLoras:
                                      self._outer_sample_wrapper)
         patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY,
                                      self._apply_model_wrapper)
+        patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, self.graphs)
 
 
 def set_routing(model_options: dict, routing: Routing) -> None:

@@ -319,7 +319,7 @@ def test_capture_sites_of_full_size_unets(ml, kind, expected):
     import comfy.supported_models
     from support.pack_loader import REPO_ROOT
     import importlib.util
-    spec = importlib.util.spec_from_file_location("bench_configs", os.path.join(REPO_ROOT, "bench", "run_bench.py"))
+    spec = importlib.util.spec_from_file_location("bench_configs", os.path.join(REPO_ROOT, "bench", "bench_models.py"))
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     config = (comfy.supported_models.SD15(dict(bench.SD15)) if kind == "sd15" else comfy.supported_models.SDXL(dict(bench.SDXL)))

@@ -1,0 +1,85 @@
+"""Full-size random-weight UNets and realistic random LoRAs for the GPU benchmark (BENCH.md protocol).
+
+SD1.5 and SDXL UNets are built inside ComfyUI from their real configs with N(0, 1/fan_in) fp16 weights
+(timing does not depend on weight values); LoRAs are kohya rank-16 files on attention q/k/v/out,
+feed-forward and proj_in/out of every transformer block, as kohya trains them.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+SD15 = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+        "legacy": False, "adm_in_channels": None, "in_channels": 4, "model_channels": 320,
+        "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 4, 4],
+        "transformer_depth_middle": 1, "use_linear_in_transformer": False, "context_dim": 768, "num_heads": 8,
+        "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "use_temporal_attention": False,
+        "use_temporal_resblock": False}
+SDXL = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+        "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4,
+        "model_channels": 320, "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10],
+        "channel_mult": [1, 2, 4], "transformer_depth_middle": 10, "use_linear_in_transformer": True,
+        "context_dim": 2048, "num_head_channels": 64, "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+        "use_temporal_attention": False, "use_temporal_resblock": False}
+LORA_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k",
+                "attn2.to_v", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2")
+
+
+def fill_random_(model, gen) -> None:
+    """Random weights that keep activations O(1): N(0, 1/fan_in) matrices, N(0, 0.02²) biases, unit scales."""
+    import torch
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:
+                p.normal_(0, 1 / math.sqrt(p[0].numel()), generator=gen)
+            elif name.endswith("bias"):
+                p.normal_(0, 0.02, generator=gen)
+            else:
+                p.fill_(1.0)
+
+
+def build_unet(kind: str):
+    import torch
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+    config = comfy.supported_models.SD15(dict(SD15)) if kind == "sd15" else comfy.supported_models.SDXL(dict(SDXL))
+    config.set_inference_dtype(torch.float16, None)
+    device = comfy.model_management.get_torch_device()
+    model = config.get_model({}, "", device=device)
+    fill_random_(model, torch.Generator(device=device).manual_seed(0))
+    model.eval()
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
+
+
+def write_loras(patcher, count: int, folder: str, rank: int = 16) -> list[str]:
+    import torch
+    from safetensors.torch import save_file
+    state = patcher.model.state_dict()
+    keys = [k for k in state if k.endswith(".weight") and (
+        any(f".{t}.weight" in k for t in LORA_TARGETS) and "transformer_blocks" in k or k.endswith(("proj_in.weight", "proj_out.weight")))]
+    names = []
+    for i in range(count):
+        gen = torch.Generator().manual_seed(100 + i)
+        tensors = {}
+        for key in keys:
+            w = state[key]
+            out_f, in_f = w.shape[0], w.shape[1]
+            base = "lora_unet_" + key[len("diffusion_model."):-len(".weight")].replace(".", "_")
+            extra = (1, 1) if w.ndim == 4 else ()
+            tensors[f"{base}.lora_down.weight"] = (torch.randn((rank, in_f) + extra, generator=gen) / math.sqrt(in_f)).half()
+            tensors[f"{base}.lora_up.weight"] = (torch.randn((out_f, rank) + extra, generator=gen) * 0.05 / math.sqrt(rank)).half()
+            tensors[f"{base}.alpha"] = torch.tensor(float(rank))
+        name = f"bench_{i}.safetensors"
+        save_file(tensors, os.path.join(folder, name))
+        names.append(name)
+    return names, len(keys)
+
+
+def conds(kind: str):
+    import torch
+    gen = torch.Generator().manual_seed(1)
+    if kind == "sd15":
+        return ([[torch.randn(1, 77, 768, generator=gen), {}]], [[torch.randn(1, 77, 768, generator=gen), {}]])
+    extra = lambda: {"pooled_output": torch.randn(1, 1280, generator=gen), "width": 1024, "height": 1024}
+    return ([[torch.randn(1, 77, 2048, generator=gen), extra()]], [[torch.randn(1, 77, 2048, generator=gen), extra()]])
