@@ -104,58 +104,44 @@ class GraphedUNet:
             self._module_check = {id(unet): cached}
         return cached
 
-    def _eligible(self, unet, x, control, transformer_options: Mapping) -> bool:
+    def eligible(self, unet, x, control, transformer_options: Mapping, wrappers: int = 1) -> bool:
+        """Whether a call may be graphed; ``wrappers`` = DIFFUSION_MODEL wrappers the caller accounts for."""
         if not self.enabled or control is not None or torch.is_grad_enabled():
             return False
         if not self.backend.available(x):
             return False
         if any(transformer_options.get(key) for key in BLOCKING_OPTIONS):
             return False
-        wrappers = comfy.patcher_extension.get_all_wrappers(
+        found = comfy.patcher_extension.get_all_wrappers(
             comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, transformer_options)
-        if len(wrappers) != 1:
+        if len(found) != wrappers:
             return False
         return self._modules_plain(unet)
 
     @staticmethod
-    def _signature(tensors: dict[str, torch.Tensor | None], plain: dict, routing: tuple) -> tuple:
+    def signature(tensors: Mapping[str, torch.Tensor | None], *extra) -> tuple:
+        """Shapes/dtypes/devices of ``tensors`` plus the hashable ``extra`` parts."""
         shapes = tuple((name, None) if t is None else (name, tuple(t.shape), t.dtype, t.device)
                        for name, t in tensors.items())
-        return shapes, tuple(sorted(plain.items())), routing
+        return (shapes,) + extra
 
-    # --- the wrapper -------------------------------------------------------------------------------
-    def __call__(self, executor, x, timesteps=None, context=None, y=None, control=None,
-                 transformer_options: Mapping = {}, **kwargs):
-        unet = executor.class_obj
-        if not self._eligible(unet, x, control, transformer_options):
-            return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
-        tensors = {"x": x, "timesteps": timesteps, "context": context, "y": y}
-        plain = {}
-        for name, value in kwargs.items():
-            if isinstance(value, torch.Tensor):
-                tensors[name] = value
-            elif value is None or isinstance(value, (bool, int, float, str)):
-                plain[name] = value
-            else:
-                return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
-        key = self._signature(tensors, plain, self.engine.graph_routing_key())
+    def run(self, key: tuple, tensors: dict[str, torch.Tensor | None], body: Callable[[dict], object],
+            eager: Callable[[], object]):
+        """``body(static inputs)`` replayed from the graph of ``key`` (eager on its first call).
+
+        ``body`` returns a tensor or a tuple of tensors; the caller gets clones. ``eager()`` runs the call
+        without graphs (first call, refused signatures, failed captures)."""
         if key in self.refused:
-            return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
-        self.engine.stage_rows(x.device, x.dtype)
+            return eager()
+        self.engine.stage_rows(tensors["x"].device, tensors["x"].dtype)
         entry = self.entries.setdefault(key, _Entry())
         entry.seen += 1
         if entry.graph is None and entry.seen < 2:
-            return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+            return eager()
         if entry.graph is None:
             entry.inputs = {name: None if t is None else t.detach().clone() for name, t in tensors.items()}
-            options = dict(transformer_options)
-
-            def body():
-                i = entry.inputs
-                extra = {name: t for name, t in i.items() if name not in ("x", "timesteps", "context", "y")}
-                return executor(i["x"], i["timesteps"], i["context"], i["y"], None, options, **extra, **plain)
             try:
-                entry.graph, entry.output = self.backend.capture(body)
+                entry.graph, entry.output = self.backend.capture(lambda: body(entry.inputs))
                 self.captures += 1
             except comfy.model_management.InterruptProcessingException:
                 self.entries.pop(key, None)
@@ -165,11 +151,37 @@ class GraphedUNet:
                             type(error).__name__, error)
                 self.entries.pop(key, None)
                 self.refused.add(key)
-                return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+                return eager()
         else:
             for name, t in tensors.items():
                 if t is not None:
                     entry.inputs[name].copy_(t)
         entry.graph.replay()
         self.replays += 1
+        if isinstance(entry.output, tuple):
+            return tuple(t.clone() for t in entry.output)
         return entry.output.clone()
+
+    # --- the wrapper -------------------------------------------------------------------------------
+    def __call__(self, executor, x, timesteps=None, context=None, y=None, control=None,
+                 transformer_options: Mapping = {}, **kwargs):
+        def eager():
+            return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+        if not self.eligible(executor.class_obj, x, control, transformer_options):
+            return eager()
+        tensors = {"x": x, "timesteps": timesteps, "context": context, "y": y}
+        plain = {}
+        for name, value in kwargs.items():
+            if isinstance(value, torch.Tensor):
+                tensors[name] = value
+            elif value is None or isinstance(value, (bool, int, float, str)):
+                plain[name] = value
+            else:
+                return eager()
+        options = dict(transformer_options)
+
+        def body(i):
+            extra = {name: t for name, t in i.items() if name not in ("x", "timesteps", "context", "y")}
+            return executor(i["x"], i["timesteps"], i["context"], i["y"], None, options, **extra, **plain)
+        key = self.signature(tensors, "unet", tuple(sorted(plain.items())), self.engine.graph_routing_key())
+        return self.run(key, tensors, body, eager)

@@ -56,9 +56,11 @@ def checkpointed(engine: OnTheFlyLoras | None):
 
 
 def split_forward(unet, x, timesteps, context, y, transformer_options: dict, deep_rows: torch.Tensor,
-                  cached: torch.Tensor | None, engine: OnTheFlyLoras | None, block_runner=run_block, **kwargs):
+                  cached: torch.Tensor | None, engine: OnTheFlyLoras | None, block_runner=run_block,
+                  deep_rows_cpu: torch.Tensor | None = None, **kwargs):
     """UNet output with the deep part run only for ``deep_rows`` (others take ``cached``); returns
-    (output, deep feature of every row). ``block_runner`` runs each block (plain or checkpointed)."""
+    (output, deep feature of every row). ``block_runner`` runs each block (plain or checkpointed);
+    ``deep_rows_cpu`` (the same indices on the CPU) spares a device-to-host copy."""
     transformer_options["original_shape"] = list(x.shape)
     transformer_options["transformer_index"] = 0
     extra = {k: kwargs.get(k) for k in ("time_context", "image_only_indicator")}
@@ -76,7 +78,8 @@ def split_forward(unet, x, timesteps, context, y, transformer_options: dict, dee
     deep = cached.clone() if cached is not None else None
     if deep_rows.numel() > 0:
         rows = engine._rows if engine is not None else None
-        routed = engine.routed(rows.index_select(0, deep_rows.cpu())) if rows is not None else _null()
+        cpu_index = deep_rows_cpu if deep_rows_cpu is not None else deep_rows.cpu()
+        routed = engine.routed_subset(cpu_index, deep_rows) if rows is not None else _null()
         with routed:
             hd, embd, ctxd = h.index_select(0, deep_rows), emb.index_select(0, deep_rows), context.index_select(0, deep_rows)
             skips = []
@@ -153,11 +156,33 @@ class FeatureCache:
             cached = torch.cat(cached_parts) if reusable else None
         if not reusable:  # a branch without a usable feature: everything runs full this call
             deep_rows = list(range(x.shape[0]))
-        rows = torch.tensor(deep_rows, dtype=torch.long, device=x.device)
-        out, deep = split_forward(unet, x, timesteps, context, y, transformer_options, rows, cached, self.engine, **kwargs)
+        out, deep = self._split(unet, x, timesteps, context, y, control, transformer_options, deep_rows, cached, kwargs)
         for c, index in enumerate(chunks):
             self.cache[int(index)] = deep[c * per:(c + 1) * per].detach()
         return out
+
+    def _split(self, unet, x, timesteps, context, y, control, transformer_options, deep_rows: list[int], cached,
+               kwargs: dict):
+        """``split_forward``, replayed from a CUDA graph per (shapes, deep rows, routing) where allowed."""
+        cpu_index = torch.tensor(deep_rows, dtype=torch.long)
+        tensors = {"x": x, "timesteps": timesteps, "context": context, "y": y, "cached": cached,
+                   "deep_rows": cpu_index.to(x.device)}
+
+        def eager():
+            return split_forward(unet, x, timesteps, context, y, transformer_options, tensors["deep_rows"], cached,
+                                 self.engine, deep_rows_cpu=cpu_index, **kwargs)
+        graphs = self.engine.graphs
+        plain = all(v is None or isinstance(v, (bool, int, float, str)) for v in kwargs.values())
+        if not plain or not graphs.eligible(unet, x, control, transformer_options, wrappers=2):
+            return eager()
+        options = dict(transformer_options)
+
+        def body(i):
+            return split_forward(unet, i["x"], i["timesteps"], i["context"], i["y"], options, i["deep_rows"],
+                                 i["cached"], self.engine, deep_rows_cpu=cpu_index, **kwargs)
+        key = graphs.signature(tensors, "split", tuple(deep_rows), tuple(sorted(kwargs.items())),
+                               self.engine.graph_routing_key(per_row=True))
+        return graphs.run(key, tensors, body, eager)
 
 
 def plan_lookup(branches) -> "callable":

@@ -92,11 +92,24 @@ class OnTheFlyLoras:
             self._rows_cast[key] = rows
         return rows
 
-    def graph_routing_key(self) -> tuple:
-        """What fixes the hooked layer set of the call in progress (part of a CUDA graph's signature)."""
+    def graph_routing_key(self, per_row: bool = False) -> tuple:
+        """What fixes the hooked layer set of the call in progress (part of a CUDA graph's signature);
+        ``per_row`` adds which LoRAs each row uses (for calls that route subsets of rows)."""
         if self._rows is None:
             return ("unrouted",)
-        return ("routed", tuple(self._rows.shape), tuple(sorted(self._active)))
+        pattern = tuple(map(tuple, (self._rows != 0).tolist())) if per_row else ()
+        return ("routed", tuple(self._rows.shape), tuple(sorted(self._active)), pattern)
+
+    @contextlib.contextmanager
+    def routed_subset(self, cpu_index: torch.Tensor, device_index: torch.Tensor) -> Iterator[None]:
+        """Route only rows ``cpu_index`` of the current call (CMLoRA's deep path). Device copies of the
+        rows already made for this call are sliced on the device (no host copy inside a CUDA graph)."""
+        outer = dict(self._rows_cast)
+        with self.routed(self._rows.index_select(0, cpu_index)):
+            for (device, dtype), rows in outer.items():
+                if device == device_index.device:
+                    self._rows_cast[(device, dtype)] = rows.index_select(0, device_index)
+            yield
 
     def stage_rows(self, device: torch.device, dtype: torch.dtype) -> None:
         """Copy the call's row weights into a buffer that lives for the run, so a replayed graph reads them."""

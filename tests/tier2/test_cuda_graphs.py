@@ -114,16 +114,33 @@ def test_calls_with_transformer_patches_stay_eager(ml, world):
     assert backend.captures == 0 and wrapper.replays == 0
 
 
-def test_calls_under_another_diffusion_model_wrapper_stay_eager(ml, world):
-    """CMLoRA's feature cache is a second DIFFUSION_MODEL wrapper with its own control flow."""
+def test_calls_under_a_foreign_diffusion_model_wrapper_stay_eager(ml, world):
+    """Another pack's DIFFUSION_MODEL wrapper may steer the forward from Python: never graphed."""
+    model, names = world["sd15"]
+    seen = []
+
+    def foreign(executor, *args, **kwargs):
+        seen.append(1)
+        return executor(*args, **kwargs)
+
+    def make():
+        clone = ml("methods").composite_model(model, rows(ml, names[:2]), None, "test")
+        clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "other.pack", foreign)
+        return clone
+    graphed, eager, wrapper, backend = graphed_and_eager(make, "sd15")
+    assert torch.equal(graphed, eager)
+    assert backend.captures == 0 and wrapper.replays == 0 and len(seen) == 2 * STEPS
+
+
+def test_cmlora_feature_cache_replays_and_equals_eager(ml, world):
+    """The cache's split forward is graphed per (deep rows, routing): shallow-only and refresh calls differ."""
     model, names = world["sd15"]
     stack = ml("stack")
-    cm_rows = tuple(stack.LoraRow(n, 1.0, category=c) for n, c in zip(names[:2], ("character", "style")))
-    clone = ml("cmlora").cmlora_model(model, cm_rows, 0.5, False, "test", cache=True)
-    backend = ReplayByRerun()
-    wrapper = with_backend(clone, backend)
-    run(clone, "sd15")
-    assert backend.captures == 0 and wrapper.replays == 0
+    cm_rows = tuple(stack.LoraRow(n, 1.0, category=c) for n, c in zip(names[:3], ("character", "style", "object")))
+    make = lambda: ml("cmlora").cmlora_model(model, cm_rows, 0.5, False, "test", cache=True)  # noqa: E731
+    graphed, eager, wrapper, backend = graphed_and_eager(make, "sd15")
+    assert torch.equal(graphed, eager)
+    assert backend.captures >= 1 and wrapper.replays >= 1
 
 
 def test_cmlora_without_cache_replays_and_equals_eager(ml, world):
