@@ -9,6 +9,7 @@ signature and replays it:
     1st call with a signature: eager (warms cuBLAS/cuDNN, lets the hooks cast their factors once)
     2nd call: copy inputs into static buffers, capture, replay, return a clone of the static output
     later calls: copy inputs into the buffers, replay, clone the output
+    later sampling runs: a signature already captured once is captured on its first call (already warm)
 
 A replay recomputes everything from the *current contents* of its buffers and of the model's weights:
 new latents, σ, conds and routing weights (the engine stages them in a device buffer before each call)
@@ -83,6 +84,7 @@ class GraphedUNet:
         self.enabled = graphs_enabled_by_env()
         self.entries: dict[tuple, _Entry] = {}
         self.refused: set[tuple] = set()
+        self.warm: set[tuple] = set()  # signatures captured in an earlier run: no eager warm-up call needed
         self._module_check: dict[int, bool] = {}
         self.captures = 0
         self.replays = 0
@@ -136,13 +138,14 @@ class GraphedUNet:
         self.engine.stage_rows(tensors["x"].device, tensors["x"].dtype)
         entry = self.entries.setdefault(key, _Entry())
         entry.seen += 1
-        if entry.graph is None and entry.seen < 2:
+        if entry.graph is None and entry.seen < 2 and key not in self.warm:
             return eager()
         if entry.graph is None:
             entry.inputs = {name: None if t is None else t.detach().clone() for name, t in tensors.items()}
             try:
                 entry.graph, entry.output = self.backend.capture(lambda: body(entry.inputs))
                 self.captures += 1
+                self.warm.add(key)
             except comfy.model_management.InterruptProcessingException:
                 self.entries.pop(key, None)
                 raise
