@@ -41,16 +41,18 @@ def nt_xent_loss(maps: torch.Tensor, groups: Sequence[Hashable], temperature: fl
     count = flat.shape[0]
     if len(groups) != count:
         raise ValueError(f"nt_xent_loss: {count} maps but {len(groups)} group ids.")
+    # The pair masks come from the group ids on the host: no device-to-host sync inside the loss.
     index: dict[Hashable, int] = {}
-    labels = torch.tensor([index.setdefault(g, len(index)) for g in groups], device=flat.device)
-    eye = torch.eye(count, dtype=torch.bool, device=flat.device)
+    labels = torch.tensor([index.setdefault(g, len(index)) for g in groups])
+    eye = torch.eye(count, dtype=torch.bool)
     positive = (labels[:, None] == labels[None, :]) & ~eye
-    if not bool(positive.any()):
+    pairs = int(positive.sum())
+    if pairs == 0:
         return flat.sum() * 0.0
     unit = F.normalize(flat, dim=1, eps=eps)
-    logits = (unit @ unit.T / temperature).masked_fill(eye, float("-inf"))
+    logits = (unit @ unit.T / temperature).masked_fill(eye.to(flat.device), float("-inf"))
     log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
-    return -log_prob[positive].mean()
+    return -log_prob.masked_fill(~positive.to(flat.device), 0.0).sum() / pairs
 
 
 def concept_contrastive_loss(maps_per_concept: Sequence[torch.Tensor], temperature: float = 0.5,
