@@ -177,11 +177,12 @@ class FeatureCache:
             return eager()
         options = dict(transformer_options)
 
-        def body(i):
+        def body(i):  # cpu_index only sets the hooked layer set here, which the key fixes
             return split_forward(unet, i["x"], i["timesteps"], i["context"], i["y"], options, i["deep_rows"],
                                  i["cached"], self.engine, deep_rows_cpu=cpu_index, **kwargs)
-        key = graphs.signature(tensors, "split", tuple(deep_rows), tuple(sorted(kwargs.items())),
-                               self.engine.graph_routing_key(per_row=True))
+        # Which rows run deep is data (an index tensor the graph reads), only their count shapes the graph.
+        key = graphs.signature(tensors, "split", tuple(sorted(kwargs.items())),
+                               self.engine.graph_routing_key(subset=deep_rows))
         return graphs.run(key, tensors, body, eager)
 
 

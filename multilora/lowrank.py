@@ -235,3 +235,46 @@ def apply_layer_deltas(deltas: LayerDeltas, x: torch.Tensor, out: torch.Tensor,
                 delta = part.bias.view((1, -1) + (1,) * (out.ndim - 2))
         out = out + _row_view(w, out.ndim, False) * delta
     return out
+
+
+@dataclass
+class MergeGroup:
+    """Layers whose low-rank deltas have the same shapes, merged by one batched matmul:
+    W_g ← W₀_g + (B_g · diag(w[col_g])) A_g for every layer g of the group at once."""
+
+    paths: list[str]
+    weight_shape: tuple[int, ...]
+    up: torch.Tensor
+    down: torch.Tensor
+    columns: torch.Tensor
+
+
+def merge_groups(layers: "dict[str, LayerDeltas]", device: torch.device, max_elements: int = 1 << 25
+                 ) -> tuple[list[MergeGroup], list[str]]:
+    """Group the purely low-rank layers by shape (each group's float32 [G, out, in] ≤ ``max_elements``);
+    the other paths (dense parts, no low-rank part) are returned for the per-layer merge."""
+    by_shape: dict[tuple, list[str]] = {}
+    rest: list[str] = []
+    for path, deltas in layers.items():
+        if deltas.dense or deltas.down_cat is None:
+            rest.append(path)
+            continue
+        key = (tuple(deltas.spec.weight_shape), tuple(deltas.up_cat.shape), tuple(deltas.down_cat.flatten(1).shape))
+        by_shape.setdefault(key, []).append(path)
+    groups = []
+    for (weight_shape, up_shape, _), paths in by_shape.items():
+        size = max(1, max_elements // (up_shape[0] * int(torch.Size(weight_shape[1:]).numel())))
+        for start in range(0, len(paths), size):
+            chunk = paths[start:start + size]
+            groups.append(MergeGroup(
+                chunk, weight_shape,
+                torch.stack([layers[p].up_cat for p in chunk]).to(device),
+                torch.stack([layers[p].down_cat.flatten(1) for p in chunk]).to(device),
+                torch.stack([layers[p].column_lora for p in chunk]).to(device)))
+    return groups, rest
+
+
+def merged_group_weights(group: MergeGroup, originals: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """[G, out, in] float32: W₀ + B·diag(w_col)·A per layer (``originals`` [G, out, ...], ``weights`` [k])."""
+    scaled_up = group.up * weights[group.columns].unsqueeze(1)
+    return torch.baddbmm(originals.flatten(2).float(), scaled_up, group.down)

@@ -140,7 +140,8 @@ def test_cmlora_feature_cache_replays_and_equals_eager(ml, world):
     make = lambda: ml("cmlora").cmlora_model(model, cm_rows, 0.5, False, "test", cache=True)  # noqa: E731
     graphed, eager, wrapper, backend = graphed_and_eager(make, "sd15")
     assert torch.equal(graphed, eager)
-    assert backend.captures >= 1 and wrapper.replays >= 1
+    # which rows run deep is data: one graph per deep-row count (all at step 0, the dominant's, none)
+    assert 1 <= backend.captures <= 3 and wrapper.replays >= 2
 
 
 def test_cmlora_without_cache_replays_and_equals_eager(ml, world):
