@@ -1,0 +1,65 @@
+"""Reports of the testbed evaluation: the markdown tables and the example sheets (pure: torch, PIL, stdlib)."""
+from __future__ import annotations
+
+import torch
+
+import world
+
+
+def save_sheet(rows: list[list[torch.Tensor]], labels, path: str) -> None:
+    """Rows of RGB images [3,H,W] (one row per method; short rows padded white) → PNG, ×4 nearest upscale,
+    method names on the left."""
+    from PIL import Image, ImageDraw
+    m, p = len(rows), max((len(r) for r in rows), default=0)
+    scale, pad = 4, 90
+    tile = world.SIZE * scale
+    sheet = Image.new("RGB", (pad + max(p, 1) * tile, max(m, 1) * tile), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, row in enumerate(rows):
+        draw.text((4, r * tile + tile // 2 - 6), labels[r], fill="black")
+        for c, image in enumerate(row):
+            img = (image.permute(1, 2, 0).clamp(0, 1) * 255).byte().cpu().numpy()
+            sheet.paste(Image.fromarray(img).resize((tile, tile), Image.NEAREST), (pad + c * tile, r * tile))
+    sheet.save(path)
+
+
+def cell(v) -> str:
+    return f"{v[0]:.2f} [{v[1]:.2f}, {v[2]:.2f}]"
+
+
+def method_row(method: str, e: dict) -> str:
+    """One table row; a failed or cut (k, method) says so in its last column."""
+    notes = []
+    if e.get("stopped_early"):
+        notes.append("time budget")
+    if e.get("in_progress"):
+        notes.append("interrupted")
+    if e.get("error"):
+        notes.append("error: " + e["error"].replace("|", "/")[:120])
+    covered = f"{e.get('prompts_covered', '?')}/{e.get('prompts_total', '?')}"
+    if "all" not in e:
+        empty = " | ".join(["—"] * 8)
+        return f"| {method} | {empty} | {covered} | {e.get('seconds', '—')} | {'; '.join(notes)} |"
+    per = [cell(e[f"has_{c}"]) if f"has_{c}" in e else "—" for c in world.CATEGORIES]
+    return (f"| {method} | {cell(e['all'])} | {cell(e['min_prob'])} | " + " | ".join(per)
+            + f" | {cell(e['sanity'])} | {covered} | {e['seconds']} | {'; '.join(notes)} |")
+
+
+def markdown(results: dict, methods) -> str:
+    """Base caption following, then one table per k (k = 1: each LoRA alone, merge, per-category presence)."""
+    b = results.get("base_caption_following")
+    lines = []
+    if b and "all_attributes" in b:
+        lines += [f"Base model caption following (all attributes detected): {cell(b['all_attributes'])}; "
+                  f"left {cell(b['left'])}, right {cell(b['right'])}, background {cell(b['background'])}", ""]
+    elif b:
+        lines += [f"Base model caption following: error: {b.get('error')}", ""]
+    for k, data in results["k"].items():
+        title = f"### k = {k}" + (" (each LoRA alone, merge; its category column = its concept's presence)"
+                                   if k == "1" else "")
+        lines += [title, "", "| method | all present | min presence prob. | character | clothing | background | "
+                  "object | style | plain parts (sanity) | prompts | s | note |", "|---" * 12 + "|"]
+        order = [m for m in methods if m in data["methods"]] + [m for m in data["methods"] if m not in methods]
+        lines += [method_row(m, data["methods"][m]) for m in order]
+        lines.append("")
+    return "\n".join(lines) + "\n"
