@@ -166,8 +166,14 @@ class GraphedUNet:
         return entry.output.clone()
 
     # --- the wrapper -------------------------------------------------------------------------------
-    def __call__(self, executor, x, timesteps=None, context=None, y=None, control=None,
-                 transformer_options: Mapping = {}, **kwargs):
+    def __call__(self, executor, *args, **kwargs):
+        """Graphs for UNet models (SD1.x/SD2/SDXL); DiTs (Flux, …) have other forward signatures: eager."""
+        if not hasattr(executor.class_obj, "input_blocks") or len(args) > 6:
+            return executor(*args, **kwargs)
+        return self._unet_call(executor, *args, **kwargs)
+
+    def _unet_call(self, executor, x, timesteps=None, context=None, y=None, control=None,
+                   transformer_options: Mapping = {}, **kwargs):
         def eager():
             return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
         if not self.eligible(executor.class_obj, x, control, transformer_options):
