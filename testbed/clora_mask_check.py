@@ -1,6 +1,6 @@
 """Do CLoRA's masks land on their objects on the trained testbed, and could they? (CPU; issue 9 follow-up)
 
-    python testbed/clora_mask_check.py [--seeds 4] [--scenes 8] [--clora-seeds 4] [--json FILE]
+    python testbed/clora_mask_check.py [--scenes 8] [--clora-seeds 4] [--parts render sample clora clora16] [--json F]
 
 world.py fixes where objects are (left slot centred at x = 9, right at x = 23, y = 16, radius 5–6.5, jitter
 ±1.5 px). Ground truth per object: ``half`` (its slot's half; a uniform map puts 0.5 of its mass there) and
@@ -15,21 +15,22 @@ mass (probabilities summed over the word's tokens, nearest-upsampled) in the reg
    b. "a zorb on the left and a lantern on the right, <bg> background": the maps of CLoRA's three variants
       (base, +character LoRA, +object LoRA; trigger left out, see 3). The capture-level rows come from the
       pack's own ``ConceptAttention`` and ``masks_from_maps`` (``pack union`` = CLoRA's mask: every variant's
-      maps of the concept, as ``CloraGuider.concept_maps``; ``pack own`` = the concept's own variant only).
-   Rows: every cross-attention site, every level (maps averaged over its sites, as the capture does).
+      maps of the concept, as ``CloraGuider.concept_maps``; ``pack own`` = the concept's own variant only;
+      ``token mean`` = threshold of the mean of the normalised token maps; λ = 0.4, 0.6, 0.8; ``@16×16`` = the
+      same from level 1, what the capture would give there). Rows: every site, every level (site mean).
 2. ``sample`` probe: the base model sampling plain captions (euler/normal, 20 steps, cfg 5), attention of the
    cond averaged over the steps, per site and level, against world.py's shapes; plus where the pixels'
    attention goes (BOS, the nouns, other words, EOS/padding).
 3. CLoRA end to end (``clora.clora_sample``, SPEC defaults, as evaluate.py calls it; one seed per run):
    ``CloraRecord.final_masks`` (what Mask Preview shows) against world.py's shapes and the pixels drawn in the
-   concept's colour, with the trigger as evaluate.py sets it (the concept word itself: "a zorb zorb …") and none.
+   concept's colour, with the trigger as evaluate.py sets it (the concept word itself: "a zorb zorb …") and none;
+   masks re-thresholded from the last step's stored maps; ``clora16``: what-if, the pack capturing 16×16 instead.
 This UNet (3 levels) has cross-attention at 32×32 (input 1, output 4, 5), 16×16 (input 3, output 2, 3) and 8×8
 (input 5, middle 0, output 0, 1); the pack captures latent/4 = 8×8, i.e. all four 8×8 sites.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import json
 import os
@@ -109,13 +110,12 @@ def scores(maps: torch.Tensor, masks: torch.Tensor, halves: torch.Tensor, object
     m = upsample(masks.float()) > 0.5
     total = a.flatten(1).sum(1).clamp_min(1e-12)
     inter, union = (m & objects).flatten(1).sum(1), (m | objects).flatten(1).sum(1).clamp_min(1)
-    out = {"mass_half": ((a * halves).flatten(1).sum(1) / total).tolist(),
-           "mass_obj": ((a * objects).flatten(1).sum(1) / total).tolist(),
-           "mass_other": [] if other is None else ((a * other).flatten(1).sum(1) / total).tolist(),
-           "area": m.flatten(1).float().mean(1).tolist(),
-           "mask_half": ((m & halves).flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1)).tolist(),
-           "iou_obj": (inter / union).tolist()}
-    return out
+    return {"mass_half": ((a * halves).flatten(1).sum(1) / total).tolist(),
+            "mass_obj": ((a * objects).flatten(1).sum(1) / total).tolist(),
+            "mass_other": [] if other is None else ((a * other).flatten(1).sum(1) / total).tolist(),
+            "area": m.flatten(1).float().mean(1).tolist(),
+            "mask_half": ((m & halves).flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1)).tolist(),
+            "iou_obj": (inter / union).tolist()}
 
 
 def add(table: dict, row: str, values: dict, low: bool = False) -> None:
@@ -170,16 +170,6 @@ def per_site_and_level(recorder: AttentionRecorder, levels: dict, positions) -> 
     return rows
 
 
-@contextlib.contextmanager
-def patched(model):
-    """Weights of ``model`` (a ModelPatcher, LoRA patches included) applied for the block, restored after."""
-    model.patch_model()
-    try:
-        yield model.model
-    finally:
-        model.unpatch_model()
-
-
 def plain_scenes(count: int, seed: int) -> world.SceneBatch:
     """``count`` scenes with two different shapes in two different colours on a plain background."""
     gen, keep = torch.Generator().manual_seed(seed), []
@@ -190,15 +180,20 @@ def plain_scenes(count: int, seed: int) -> world.SceneBatch:
     return world.SceneBatch(**{f: torch.cat([getattr(s, f) for s in keep]) for f in world.SceneBatch.__dataclass_fields__})
 
 
-def encode_batch(clip, captions) -> torch.Tensor:
+def encode_batch(clip, captions) -> torch.Tensor:  # one conditioning row per caption
     return torch.cat([clip.encode_from_tokens(clip.tokenize(c)) for c in captions])
 
 
 def unet_call(model, x, sigma, context, replace: dict) -> None:
-    """One cond-only UNet evaluation at σ with the attn2 replacements ``replace`` (site → fn)."""
-    with torch.inference_mode(), patched(model) as base:
-        base.apply_model(x, sigma.expand(x.shape[0]), c_crossattn=context,
-                         transformer_options={"patches_replace": {"attn2": replace}})
+    """One cond-only UNet evaluation at σ with the attn2 replacements ``replace`` (site → fn); ``model``'s
+    patches (a LoRA) are applied for the call and removed after it."""
+    model.patch_model()
+    try:
+        with torch.inference_mode():
+            model.model.apply_model(x, sigma.expand(x.shape[0]), c_crossattn=context,
+                                    transformer_options={"patches_replace": {"attn2": replace}})
+    finally:
+        model.unpatch_model()
 
 
 # ---- 1. render probe ----
@@ -238,13 +233,17 @@ def render_probe(ml, model, clip, scene_count: int = 8, sigma_steps=SIGMA_STEPS,
             low = float(sigma) <= 1.5
             x = world.to_latent(images) + sigma * noise
             models = variants if name == "concepts" else [model]
-            captured = []  # per variant: ConceptAttention maps [B, T_all, h, w] at the pack's capture level
+            captured, at16 = [], []  # per variant: [B, T_all, h, w] maps, the pack's (8×8) and level 1 (16×16)
+            all_positions = [p for w in words for p in positions[w]]
             for v, m in enumerate(models):
-                all_positions = [p for w in words for p in positions[w]]
                 capture = capture_lib.ConceptAttention(size, {0: all_positions})
                 recorder = AttentionRecorder(capture)
                 unet_call(m, x, sigma, context, {site: recorder for site in levels})
                 captured.append(capture.averaged(0))
+                mine = per_site_and_level(recorder, levels, all_positions)
+                # the recorder's level average is the pack's capture, so the 16×16 rows are what it would capture there
+                torch.testing.assert_close(mine[f"level 2 ({size[0]}×{size[1]})"], captured[-1], atol=1e-6, rtol=1e-5)
+                at16.append(mine["level 1 (16×16)"])
                 if v > 0 or name == "plain":  # per-site rows: each word under its own LoRA (concepts) / base (plain)
                     for g, word in enumerate(words):
                         if name == "concepts" and g != v - 1:
@@ -257,11 +256,13 @@ def render_probe(ml, model, clip, scene_count: int = 8, sigma_steps=SIGMA_STEPS,
             offsets = [0]
             for w in words:
                 offsets.append(offsets[-1] + len(positions[w]))
-            groups = [[c[:, offsets[g]:offsets[g + 1]] for c in captured] for g in range(len(words))]
-            mask_sets = {"pack union": [torch.cat(g, 1) for g in groups]}
-            if name == "concepts":
-                mask_sets["pack own"] = [groups[g][g + 1] for g in range(len(words))]
-            mask_sets["token mean"] = [token_mean(torch.cat(g, 1)) for g in groups]
+            mask_sets = {}
+            for tag, per_variant in (("", captured), (" @16×16", at16)):
+                groups = [[c[:, offsets[g]:offsets[g + 1]] for c in per_variant] for g in range(len(words))]
+                mask_sets[f"pack union{tag}"] = [torch.cat(g, 1) for g in groups]
+                if name == "concepts":
+                    mask_sets[f"pack own{tag}"] = [groups[g][g + 1] for g in range(len(words))]
+                mask_sets[f"token mean{tag}"] = [token_mean(torch.cat(g, 1)) for g in groups]
             for (row, per_word), lam in itertools.product(mask_sets.items(), MASK_LAMBDAS):
                 masks = masks_lib.masks_from_maps(per_word, lam, (SIZE, SIZE))
                 for g in range(len(words)):
@@ -284,11 +285,9 @@ def sample_probe(ml, model, clip, count: int = 8, seed: int = 5) -> dict:
     recorder, clone = AttentionRecorder(), model.clone()
     for site in levels:
         clone.set_model_attn2_replace(recorder, *site)
-    latent = torch.zeros(count, 4, SIZE, SIZE)
-    positive = [[encode_batch(clip, captions), {}]]
-    negative = [[clip.encode_from_tokens(clip.tokenize("")), {}]]
-    comfy.sample.sample(clone, comfy.sample.prepare_noise(latent, seed), STEPS, CFG, "euler", "normal", positive,
-                        negative, latent, seed=seed, disable_pbar=True)
+    latent, negative = torch.zeros(count, 4, SIZE, SIZE), [[clip.encode_from_tokens(clip.tokenize("")), {}]]
+    comfy.sample.sample(clone, comfy.sample.prepare_noise(latent, seed), STEPS, CFG, "euler", "normal",
+                        [[encode_batch(clip, captions), {}]], negative, latent, seed=seed, disable_pbar=True)
     table: dict = {}
     for side, kinds in (("left", scenes.left), ("right", scenes.right)):
         truth = torch.stack([footprint(world.SHAPES[int(k)], side) for k in kinds])
@@ -305,10 +304,18 @@ def sample_probe(ml, model, clip, count: int = 8, seed: int = 5) -> dict:
 
 # ---- 3. CLoRA end to end ----
 
-def clora_runs(ml, model, clip, seeds, with_trigger: bool, background: str = "gray") -> dict:
-    """CLoRA's final masks (and images) for the zorb/lantern prompt, one run per seed."""
+def clora_runs(ml, model, clip, seeds, with_trigger: bool, background: str = "gray", level: int | None = None) -> dict:
+    """CLoRA's final masks (and images) for the zorb/lantern prompt, one run per seed. ``level``: what-if run
+    capturing that UNet level instead of the pack's choice (clora.capture_level replaced for the runs)."""
     import comfy_model
     clora, stack = ml("clora"), ml("stack")
+    if level is not None:
+        original = clora.capture_level
+        clora.capture_level = lambda *_: level
+        try:
+            return clora_runs(ml, model, clip, seeds, with_trigger, background)
+        finally:
+            clora.capture_level = original
     rows = tuple(stack.LoraRow(f"testbed_{cat}.safetensors", 1.0, 1.0, concept=word,
                                trigger=world.TRIGGERS[cat] if with_trigger else "", category=cat)
                  for cat, word, _, _ in CONCEPTS)
@@ -345,8 +352,7 @@ def markdown(result: dict) -> str:
             continue
         keys = list(dict.fromkeys(k for r in table.values() for k in r))
         lines += [f"### {title}", "", "| row | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
-        lines += [f"| {row} | " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for row, r in table.items()]
-        lines.append("")
+        lines += [f"| {row} | " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for row, r in table.items()] + [""]
     return "\n".join(lines)
 
 
@@ -354,7 +360,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenes", type=int, default=8, help="images per probe")
     parser.add_argument("--clora-seeds", type=int, default=4, help="CLoRA runs (seeds 1..N) per trigger setting")
-    parser.add_argument("--parts", nargs="+", default=["render", "sample", "clora"], choices=["render", "sample", "clora"])
+    parser.add_argument("--parts", nargs="+", default=["render", "sample", "clora", "clora16"],
+                        choices=["render", "sample", "clora", "clora16"], help="clora16: what-if capture at 16×16")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     from boot import boot_comfy
@@ -379,6 +386,8 @@ def main():
     if "clora" in args.parts:
         result["CLoRA end to end, trigger = concept word (evaluate.py)"] = clora_runs(ml, model, clip, seeds, True)
         result["CLoRA end to end, no trigger"] = clora_runs(ml, model, clip, seeds, False)
+    if "clora16" in args.parts:
+        result["what-if: CLoRA capturing 16×16 (level 1), trigger"] = clora_runs(ml, model, clip, seeds, True, level=1)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
