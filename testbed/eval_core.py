@@ -176,7 +176,7 @@ def run_method(method: str, k: int, prompts: Sequence[Prompt], ctx: dict, budget
     try:
         for i, (cats, prompt, expected) in enumerate(prompts):
             elapsed = time.perf_counter() - t0
-            if elapsed + last_s > budget and (i > 0 or budget <= 0):  # the first prompt runs if any time is left
+            if budget <= 0 or (i > 0 and elapsed + last_s > budget):  # the first prompt runs if any time is left
                 entry["stopped_early"] = True
                 print(f"k={k} {method}: stopping after {i}/{len(prompts)} prompts ({elapsed:.1f} s; budget "
                       f"{budget:.0f} s)", flush=True)
@@ -187,6 +187,7 @@ def run_method(method: str, k: int, prompts: Sequence[Prompt], ctx: dict, budget
                 # CLoRA contrasts ≥ 2 concept words; a style row has none (it is applied globally), so a
                 # {character, style} set is outside what CLoRA does: counted, not scored.
                 entry["not_applicable"] = entry.get("not_applicable", 0) + 1
+                entry["prompts_covered"] = i + 1
                 continue
             latent = sample(ctx["ml"], method, ctx["model"], ctx["clip"], rows, prompt, i, seeds, steps)
             images = comfy_model.decode(latent)

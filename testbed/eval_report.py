@@ -32,6 +32,8 @@ def method_row(method: str, e: dict) -> str:
     notes = []
     if e.get("stopped_early"):
         notes.append("time budget")
+    if e.get("not_applicable"):
+        notes.append(f"{e['not_applicable']} prompts n/a (fewer than 2 concept words)")
     if e.get("in_progress"):
         notes.append("interrupted")
     if e.get("error"):
