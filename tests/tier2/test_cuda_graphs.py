@@ -132,27 +132,21 @@ def test_calls_under_a_foreign_diffusion_model_wrapper_stay_eager(ml, world):
     assert backend.captures == 0 and wrapper.replays == 0 and len(seen) == 2 * STEPS
 
 
-def test_cmlora_feature_cache_replays_and_equals_eager(ml, world):
-    """The cache's split forward is graphed per (deep rows, routing): shallow-only and refresh calls differ."""
+@pytest.mark.parametrize("cache", [True, False])
+def test_cmlora_replays_and_equals_eager(ml, world, cache):
+    """Without the cache the routing weights change every step (dominant LoRA) and reach the replay through
+    the staged rows; with it the split forward is graphed per deep-row count (all at step 0, the dominant's,
+    none), which rows run deep being data."""
     model, names = world["sd15"]
     stack = ml("stack")
     cm_rows = tuple(stack.LoraRow(n, 1.0, category=c) for n, c in zip(names[:3], ("character", "style", "object")))
-    make = lambda: ml("cmlora").cmlora_model(model, cm_rows, 0.5, False, "test", cache=True)  # noqa: E731
+    make = lambda: ml("cmlora").cmlora_model(model, cm_rows, 0.5, False, "test", cache=cache)  # noqa: E731
     graphed, eager, wrapper, backend = graphed_and_eager(make, "sd15")
     assert torch.equal(graphed, eager)
-    # which rows run deep is data: one graph per deep-row count (all at step 0, the dominant's, none)
-    assert 1 <= backend.captures <= 3 and wrapper.replays >= 2
-
-
-def test_cmlora_without_cache_replays_and_equals_eager(ml, world):
-    """Routing weights change every step (dominant LoRA): they reach the replay through the staged rows."""
-    model, names = world["sd15"]
-    stack = ml("stack")
-    cm_rows = tuple(stack.LoraRow(n, 1.0, category=c) for n, c in zip(names[:3], ("character", "style", "object")))
-    make = lambda: ml("cmlora").cmlora_model(model, cm_rows, 0.5, False, "test", cache=False)  # noqa: E731
-    graphed, eager, wrapper, backend = graphed_and_eager(make, "sd15")
-    assert torch.equal(graphed, eager)
-    assert backend.captures == 1 and wrapper.replays == STEPS - 1
+    if cache:
+        assert 1 <= backend.captures <= 3 and wrapper.replays >= 2
+    else:
+        assert backend.captures == 1 and wrapper.replays == STEPS - 1
 
 
 def test_a_failing_capture_falls_back_to_eager_once(ml, world, caplog):
