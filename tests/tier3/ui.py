@@ -11,7 +11,8 @@ import os
 import time
 from typing import Any
 
-from playwright.sync_api import Page, Response
+from playwright.sync_api import Locator, Page, Response
+from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHROMIUM = os.environ.get("MULTILORA_CHROMIUM", "/usr/bin/chromium")
@@ -128,13 +129,28 @@ class ComfyPage:
         self.page.mouse.click(point["x"], point["y"])
         self.page.wait_for_timeout(150)
 
+    def open_search_box(self, attempts: int = 3) -> Locator:
+        """Double-click the empty canvas until the node search box shows. A double-click that lands while
+        the previous dialog is still closing (or before the canvas has focus) is dropped by the frontend,
+        so it is tried again, with Escape in between, before giving up."""
+        box = self.page.locator(".comfy-vue-node-search-box input")
+        for attempt in range(attempts):
+            self.page.mouse.dblclick(VIEWPORT["width"] // 2, VIEWPORT["height"] // 2)
+            try:
+                box.wait_for(timeout=5_000)
+                return box
+            except PlaywrightTimeoutError:
+                if attempt == attempts - 1:
+                    raise
+                self.page.keyboard.press("Escape")
+                self.page.wait_for_timeout(500)
+        raise AssertionError("unreachable")
+
     def search_and_add(self, query: str, display_name: str) -> list[str]:
         """Double-click the empty canvas, type ``query`` into the node search box and pick the suggestion
         titled ``display_name``. Returns the suggestions' titles; adds nothing if none matches."""
         self.js("() => window.app.graph.clear()")
-        box = self.page.locator(".comfy-vue-node-search-box input")
-        self.page.mouse.dblclick(VIEWPORT["width"] // 2, VIEWPORT["height"] // 2)
-        box.wait_for(timeout=10_000)
+        box = self.open_search_box()
         box.fill(query)
         options = self.page.locator(".comfy-vue-node-search-container li[role=option]")
         deadline = time.monotonic() + 10
