@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 import time
 
@@ -73,10 +74,22 @@ def eps_loss(unet, sigmas, x0, context, gen, device):
     return F.mse_loss(pred.float(), noise)
 
 
-def lr_at(step, total, peak, warmup=200):
+def lr_at(step, progress, peak, warmup=200):
+    """Linear warm-up over ``warmup`` steps, then cosine decay over ``progress`` ∈ [0, 1] of the run."""
     if step < warmup:
         return peak * (step + 1) / warmup
-    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def progress_of(step, steps, elapsed, seconds):
+    """How far a run is: by steps or by its time budget, whichever is further (so a run cut by its budget
+    still ends its cosine schedule; with the step limit binding, the schedule is reproducible)."""
+    return max(step / steps, elapsed / seconds)
+
+
+def mean_loss(losses) -> float:
+    """Mean of the last 100 loss tensors (one host sync; the training loops never sync per step)."""
+    return float(torch.stack(losses[-100:]).mean())
 
 
 def train_base(patcher, clip, steps, batch_size, seconds, gen, device, log, peak_lr=3e-4):
@@ -91,11 +104,15 @@ def train_base(patcher, clip, steps, batch_size, seconds, gen, device, log, peak
     opt = torch.optim.AdamW(params, lr=peak_lr, weight_decay=0.01)
     start, losses = time.perf_counter(), []
     for step in range(steps):
+        progress = progress_of(step, steps, time.perf_counter() - start, seconds)
+        if progress >= 1:
+            print(f"base: time budget reached at step {step}", flush=True)
+            break
         images, texts = batch(gen, batch_size, device)
         context = comfy_model.encode_ids(clip, captions.rows(texts)).to(device)
         loss = eps_loss(unet, sigmas, world.to_latent(images.to(device)), context, gen, device)
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, peak_lr)
+            group["lr"] = lr_at(step, progress, peak_lr)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -103,18 +120,16 @@ def train_base(patcher, clip, steps, batch_size, seconds, gen, device, log, peak
         with torch.no_grad():
             decay = min(0.999, (1 + step) / (10 + step))
             torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
-        losses.append(loss.item())
-        if step % 250 == 0 or step == steps - 1:
-            print(f"base {step}/{steps} loss {sum(losses[-100:]) / len(losses[-100:]):.4f} "
-                  f"{time.perf_counter() - start:.0f}s", flush=True)
-        if time.perf_counter() - start > seconds:
-            print(f"base: time budget reached at step {step + 1}", flush=True)
-            break
+        losses.append(loss.detach())
+        if step % 250 == 0:
+            print(f"base {step}/{steps} loss {mean_loss(losses):.4f} {time.perf_counter() - start:.0f}s", flush=True)
+    else:
+        step = steps
     with torch.no_grad():
         for p, e in zip(params, ema):
             p.copy_(e)
-    log["base"] = {"steps": step + 1, "batch": batch_size, "seconds": round(time.perf_counter() - start, 1),
-                   "loss_last_100": round(sum(losses[-100:]) / len(losses[-100:]), 4)}
+    log["base"] = {"steps": step, "batch": batch_size, "seconds": round(time.perf_counter() - start, 1),
+                   "loss_last_100": round(mean_loss(losses), 4)}
 
 
 class LoraLayer(torch.nn.Module):
@@ -142,7 +157,7 @@ def lora_targets(unet):
             if any(name.endswith(t) for t in LORA_TARGETS) and hasattr(m, "weight")}
 
 
-def train_lora(patcher, clip, category, steps, batch_size, rank, gen, device, log):
+def train_lora(patcher, clip, category, steps, batch_size, rank, gen, device, log, seconds=float("inf")):
     unet = patcher.model.diffusion_model
     sigmas = patcher.model.model_sampling.sigmas.to(device)
     captions = Captions(clip)
@@ -157,23 +172,30 @@ def train_lora(patcher, clip, category, steps, batch_size, rank, gen, device, lo
     start, losses = time.perf_counter(), []
     try:
         for step in range(steps):
+            progress = progress_of(step, steps, time.perf_counter() - start, seconds)
+            if progress >= 1:
+                print(f"lora {category}: time budget reached at step {step}", flush=True)
+                break
             images, texts = batch(gen, batch_size, device, (category,))
             with torch.no_grad():
                 context = comfy_model.encode_ids(clip, captions.rows(texts)).to(device)
             loss = eps_loss(unet, sigmas, world.to_latent(images.to(device)), context, gen, device)
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, steps, 1e-3, warmup=50)
+                group["lr"] = lr_at(step, progress, 1e-3, warmup=50)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            losses.append(loss.item())
+            losses.append(loss.detach())
             if step % 100 == 0:
-                print(f"lora {category} {step}/{steps} loss {loss.item():.4f} {time.perf_counter() - start:.0f}s", flush=True)
+                print(f"lora {category} {step}/{steps} loss {mean_loss(losses):.4f} {time.perf_counter() - start:.0f}s",
+                      flush=True)
+        else:
+            step = steps
     finally:
         for h in handles:
             h.remove()
-    log[f"lora_{category}"] = {"steps": steps, "rank": rank, "seconds": round(time.perf_counter() - start, 1),
-                               "loss_last_100": round(sum(losses[-100:]) / len(losses[-100:]), 4)}
+    log[f"lora_{category}"] = {"steps": step, "rank": rank, "seconds": round(time.perf_counter() - start, 1),
+                               "loss_last_100": round(mean_loss(losses), 4)}
     print(f"lora {category}: {log[f'lora_{category}']}", flush=True)
     return kohya_state(patcher, layers, rank)
 
@@ -198,6 +220,7 @@ def main():
     parser.add_argument("--base-steps", type=int, default=6000)
     parser.add_argument("--base-seconds", type=float, default=300)
     parser.add_argument("--lora-steps", type=int, default=600)
+    parser.add_argument("--lora-seconds", type=float, default=float("inf"), help="time budget of each LoRA")
     parser.add_argument("--detector-steps", type=int, default=3000)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--rank", type=int, default=8)
@@ -205,6 +228,8 @@ def main():
     parser.add_argument("--base-lr", type=float, default=3e-4)
     parser.add_argument("--loras-only", nargs="+", metavar="CATEGORY",
                         help="only (re)train these LoRAs on the base in --resume")
+    parser.add_argument("--no-detector", action="store_true", help="keep the detector of --resume")
+    parser.add_argument("--no-loras", action="store_true", help="train the base only")
     parser.add_argument("--smoke", action="store_true", help="tiny run on the CPU")
     args = parser.parse_args()
     if args.smoke:
@@ -220,15 +245,23 @@ def main():
         patcher.model.diffusion_model.to(device)
         clip.cond_stage_model.to(device)
         for category in args.loras_only:
-            state = train_lora(patcher, clip, category, args.lora_steps, args.batch // 2, args.rank, gen, device, log)
+            state = train_lora(patcher, clip, category, args.lora_steps, args.batch // 2, args.rank, gen, device, log,
+                               args.lora_seconds)
             save_file(state, os.path.join(args.out, "loras", f"testbed_{category}.safetensors"))
+        with open(os.path.join(args.out, f"train_log_loras_{'_'.join(args.loras_only)}.json"), "w") as f:
+            json.dump(log, f, indent=2)
         print(json.dumps(log), flush=True)
         return
-    net, accuracy = detector_lib.train_detector(args.detector_steps, gen, device)
-    save_file({k: v.half().cpu().contiguous() for k, v in net.state_dict().items()},
-              os.path.join(args.out, "detector.safetensors"))
-    log["detector_accuracy"] = accuracy
-    print(json.dumps(accuracy), flush=True)
+    if args.no_detector:
+        if not args.resume:
+            parser.error("--no-detector keeps the detector of --resume: give --resume")
+        shutil.copyfile(os.path.join(args.resume, "detector.safetensors"), os.path.join(args.out, "detector.safetensors"))
+    else:
+        net, accuracy = detector_lib.train_detector(args.detector_steps, gen, device)
+        save_file({k: v.half().cpu().contiguous() for k, v in net.state_dict().items()},
+                  os.path.join(args.out, "detector.safetensors"))
+        log["detector_accuracy"] = accuracy
+        print(json.dumps(accuracy), flush=True)
     if args.resume:
         patcher, clip = comfy_model.load_testbed(args.resume, device=device)
         log["resumed_from"] = args.resume
@@ -242,8 +275,9 @@ def main():
     save_file(comfy_model.trained_clip_state(clip), os.path.join(args.out, "clip.safetensors"))
     # LoRAs are trained on the fp16-rounded base the users will load.
     patcher.model.diffusion_model.load_state_dict({k[len("diffusion_model."):]: v.float() for k, v in unet_state.items()})
-    for category in world.CATEGORIES:
-        state = train_lora(patcher, clip, category, args.lora_steps, args.batch // 2, args.rank, gen, device, log)
+    for category in () if args.no_loras else world.CATEGORIES:
+        state = train_lora(patcher, clip, category, args.lora_steps, args.batch // 2, args.rank, gen, device, log,
+                           args.lora_seconds)
         save_file(state, os.path.join(args.out, "loras", f"testbed_{category}.safetensors"))
     with open(os.path.join(args.out, "train_log.json"), "w") as f:
         json.dump(log, f, indent=2)
