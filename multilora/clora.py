@@ -8,9 +8,10 @@ concept tokens' attention maps are captured from the conditional chunks.
 - Latent update (steps i < opt_until·N): L = NT-Xent over the concept groups' maps (τ_c = 0.5); the step
   size α is defined for the VP latent z = x/√(1+σ²), so in ComfyUI's σ-space x ← x − α·(1+σ²)·∇ₓL.
   Extra ``refine_iters`` iterations at steps ⌊{0, 0.2, 0.4}·N⌋. Predictions are recomputed after the update.
-- Fusion: Mask_i = ∪ tokens [A ≥ λ·max A] of variant i's maps, nearest-resized to the latent; the base
-  variant has a full mask, so each pixel averages the base and the variants covering it, and pixels no
-  concept covers keep the base prediction; applied to cond and uncond separately, then CFG.
+- Fusion: Mask_i = ∪ tokens [A ≥ λ·max A] over concept i's token maps from every variant (the loss's
+  groups), nearest-resized to the latent; the base variant has a full mask, so each pixel averages the
+  base and the variants covering it, and pixels no concept covers keep the base prediction; applied to
+  cond and uncond separately, then CFG.
 Multistep/ancestral samplers restart their history after each updated step of the optimisation phase.
 Host module.
 """

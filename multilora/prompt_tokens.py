@@ -19,8 +19,9 @@ Prompt variants: ``decorate_prompt`` inserts a LoRA's trigger word(s) before eve
 of its concept word, inside ComfyUI's weight syntax ("(cat:1.2)" → "(sks cat:1.2)"), keeping the
 prompt's case. A word is a run of letters and digits (CLIP's pre-tokenizer splits at "_", "-" and
 punctuation too), so "cat" does not match "category" or "cats". Occurrences already preceded by the
-trigger and names inside ``embedding:name`` are left alone (decorating twice changes nothing); an empty
-trigger returns the prompt unchanged.
+trigger, occurrences that are the end of the trigger itself (trigger == concept word: "a zorb", never
+"a zorb zorb") and names inside ``embedding:name`` are left alone (decorating twice changes nothing); an
+empty trigger returns the prompt unchanged.
 Pure module: no ComfyUI imports.
 """
 from __future__ import annotations
@@ -146,7 +147,10 @@ def decorate_prompt(prompt: str, concept: str, trigger: str | Sequence[str]) -> 
     if not concept.strip():
         raise MultiLoRAError(
             f"CLoRA: trigger '{trigger_text}' needs a concept word to attach to. Set the LoRA's concept word.")
+    # Already decorated: the trigger stands right before the concept word, or the concept word is the end of
+    # the trigger itself (trigger == concept word, or a trigger phrase ending in it): nothing to insert.
     already = re.compile(_phrase_pattern(trigger_text) + r"\s+$", re.IGNORECASE)
+    covered = re.compile(_phrase_pattern(trigger_text) + r"$", re.IGNORECASE)
     pieces: list[str] = []
     last = 0
     found = False
@@ -154,7 +158,7 @@ def decorate_prompt(prompt: str, concept: str, trigger: str | Sequence[str]) -> 
         if _in_embedding_name(prompt, match.start()):
             continue
         found = True
-        if already.search(prompt, 0, match.start()):
+        if already.search(prompt, 0, match.start()) or covered.search(prompt, 0, match.end()):
             continue
         pieces.append(prompt[last:match.start()])
         pieces.append(trigger_text + " ")

@@ -124,6 +124,9 @@ def test_missing_concept_error_message():
     ("a sks cat and a cat", "cat", "sks", "a sks cat and a sks cat"),
     ("embedding:cat a cat", "cat", "sks", "embedding:cat a sks cat"),
     ("a cat\nand a dog", "dog", "sks", "a cat\nand a sks dog"),
+    ("a zorb on the left", "zorb", "zorb", "a zorb on the left"),
+    ("A Zorb and a zorb", "zorb", "ZORB", "A Zorb and a zorb"),
+    ("a zorb creature and a creature", "creature", "zorb creature", "a zorb creature and a zorb creature creature"),
 ])
 def test_decorate_prompt(prompt, concept, trigger, want):
     assert tokens_mod.decorate_prompt(prompt, concept, trigger) == want
@@ -132,6 +135,10 @@ def test_decorate_prompt(prompt, concept, trigger, want):
 def test_decorate_prompt_is_idempotent_and_empty_trigger_is_identity():
     once = tokens_mod.decorate_prompt("(cat:1.2) and a cat", "cat", "sks")
     assert tokens_mod.decorate_prompt(once, "cat", "sks") == once
+    for prompt, concept, trigger in (("a zorb on the left", "zorb", "zorb"), ("a cat", "cat", "zorb cat"),
+                                     ("a tabby cat", "cat", "tabby")):
+        once = tokens_mod.decorate_prompt(prompt, concept, trigger)
+        assert tokens_mod.decorate_prompt(once, concept, trigger) == once, (prompt, once)
     assert tokens_mod.decorate_prompt("a dog", "cat", "") == "a dog"
     assert tokens_mod.decorate_prompt("a dog", "cat", "  ") == "a dog"
 
