@@ -23,7 +23,8 @@ mass (probabilities summed over the word's tokens, nearest-upsampled) in the reg
    attention goes (BOS, the nouns, other words, EOS/padding).
 3. CLoRA end to end (``clora.clora_sample``, SPEC defaults, as evaluate.py calls it; one seed per run):
    ``CloraRecord.final_masks`` (what Mask Preview shows) against world.py's shapes and the pixels drawn in the
-   concept's colour, with the trigger as evaluate.py sets it (the concept word itself: "a zorb zorb …") and none;
+   concept's colour, with the trigger as evaluate.py sets it (the concept word itself, which the pack no
+   longer inserts a second time, so it now equals "none") and none;
    masks re-thresholded from the last step's stored maps; ``clora16``: what-if, the pack capturing 16×16 instead.
 This UNet (3 levels) has cross-attention at 32×32 (input 1, output 4, 5), 16×16 (input 3, output 2, 3) and 8×8
 (input 5, middle 0, output 0, 1); the pack captures latent/4 = 8×8, i.e. all four 8×8 sites.
