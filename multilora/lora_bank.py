@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import threading
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -148,13 +149,50 @@ def check_factors(up: torch.Tensor, down: torch.Tensor, weight_shape: tuple[int,
                      f"{down.flatten(1).shape[1]} inputs, the layer has {inputs}")
 
 
+class _ThreadErrors(logging.Handler):
+    """ERROR records logged by this thread while attached (messages only)."""
+
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.thread = threading.get_ident()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread:
+            self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def logged_errors() -> Iterator[list[str]]:
+    """The ERROR messages logged (to the root logger's tree) inside the block, by this thread. ComfyUI's
+    weight adapters (LoHa, LoKr, DoRA, OFT, …) catch their own failures, log "ERROR <name> <key> <exc>" and
+    return W unchanged, which would silently make that layer's ΔW zero."""
+    handler = _ThreadErrors()
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield handler.messages
+    finally:
+        root.removeHandler(handler)
+
+
 def _dense_delta(adapter, weight: torch.Tensor, key, strength: float, offset, name: str, node: str) -> torch.Tensor:
-    """ΔW = adapter applied to a float32 copy of W, minus W (full shape, zero outside an offset slice)."""
+    """ΔW = adapter applied to a float32 copy of W, minus W (full shape, zero outside an offset slice).
+    An adapter that fails (and only logs it, as ComfyUI's do) is a LoraFileError naming the layer."""
     base = weight.detach().to(torch.float32).clone()
     target = base.narrow(offset[0], offset[1], offset[2]) if offset is not None else base
     original = target.clone()
     if isinstance(adapter, comfy.weight_adapter.WeightAdapterBase):
-        patched = adapter.calculate_weight(target.clone(), key, strength, 1.0, offset, lambda a: a, torch.float32)
+        with logged_errors() as failures:
+            try:
+                patched = adapter.calculate_weight(target.clone(), key, strength, 1.0, offset, lambda a: a,
+                                                   torch.float32)
+            except (RuntimeError, ValueError, IndexError) as exc:  # factor products fail before its own try
+                failures.append(f"{type(exc).__name__}: {exc}")
+        if failures:
+            detail = failures[0].removeprefix(f"ERROR {adapter.name} {key} ")
+            raise misfit(node, name, key, tuple(target.shape),
+                         f"ComfyUI's {adapter.name} adapter could not apply its weights ({detail})")
     else:
         kind, values = (adapter[0], adapter[1]) if len(adapter) == 2 and isinstance(adapter[0], str) else ("diff", adapter)
         if kind != "diff":

@@ -10,7 +10,8 @@ Issue case → test
 - non-safetensors (pickle refused, never unpickled) → test_pickled_lora_is_refused_and_never_unpickled
 - NaN/Inf weights → test_malformed_file_is_a_clear_error_before_sampling[nan|inf]
 - rank-0 / shape-mismatched tensors → test_malformed_file_is_a_clear_error_before_sampling[rank_zero|scalar_factor|
-  down_width|up_rows|rank_mismatch] (+ up without down, vector alpha, unsupported 'set' patch)
+  down_width|up_rows|rank_mismatch] (+ up without down, vector alpha, unsupported 'set' patch); dense adapters
+  (LoHa) whose factors do not fit → test_dense_adapter_that_does_not_fit_is_an_error_not_a_silent_zero
 - keys for another model family → test_lora_for_another_family_is_an_error_naming_the_family
 - partial key overlap (warn with counts) → test_partial_key_overlap_warns_with_counts
 - alpha without rank → test_alpha_without_factors, test_no_alpha_means_alpha_equals_rank_like_core
@@ -251,3 +252,37 @@ def test_no_alpha_means_alpha_equals_rank_like_core(w, ml):
                   for name in (no_alpha, with_alpha)}
     torch.testing.assert_close(on_the_fly[no_alpha], reference, atol=RUN_TOL, rtol=RUN_TOL)
     assert (on_the_fly[with_alpha] - reference).abs().max() > 1e-3
+
+
+# --- dense adapters (LoHa here) whose factors do not fit: ComfyUI logs and leaves W unchanged; the pack refuses ---
+def _loha_doctored(w, tensor, make):
+    """The UNet-only test LoHa with ``tensor`` of its attn1.to_q layer replaced by ``make(old tensor)``."""
+    sd = dict(lora_files.build_lora(w.model, "loha", seed=305).state_dict)
+    key = next(k for k in sorted(sd) if k.endswith(f"attn1_to_q.{tensor}"))
+    sd[key] = make(sd[key])
+    return sd
+
+
+LOHA_MISFIT = {  # case: (tensor, new value, the problem after LAYER_LEVEL)
+    # the Hadamard product of a 32×32 and a 32×33 factor: ComfyUI's own try/except logs it, W stays unchanged
+    "loha_width": ("hada_w2_b", lambda t: torch.randn(t.shape[0], 33),
+                   r"ComfyUI's loha adapter could not apply its weights \(The size of tensor a \(32\) must match"),
+    # w1a @ w1b with ranks 4 and 5: raised by ComfyUI before its try/except
+    "loha_rank": ("hada_w1_b", lambda t: torch.randn(t.shape[0] + 1, t.shape[1]),
+                  r"ComfyUI's loha adapter could not apply its weights \(RuntimeError: "),
+}
+
+
+@pytest.mark.parametrize("case", LOHA_MISFIT)
+def test_dense_adapter_that_does_not_fit_is_an_error_not_a_silent_zero(w, errors, case):
+    """Before: that layer's ΔW was silently 0 (ComfyUI only logs "ERROR loha …"). Now every sampler node
+    fails before sampling with the layer named, and the next good run works."""
+    tensor, make, problem = LOHA_MISFIT[case]
+    name = w.put(f"hard_loha_{case}.safetensors", _loha_doctored(w, tensor, make))
+    for method, node in NODE_NAMES.items():
+        node = "CLoRA" if method == "clora" else node
+        fails_before_sampling(w, method, errors.LoraFileError,
+                              LAYER_LEVEL.format(node=re.escape(node), name=re.escape(name)) + problem,
+                              stack=w.stack([w.good[0], name]))
+    assert torch.isfinite(samples_of(w, "composite", steps=2)).all()
+    w.assert_clean()
