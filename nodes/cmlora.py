@@ -8,7 +8,7 @@ from ..multilora.errors import StackError
 from ..multilora.frequency_profile import check_profile_images, high_frequency_score
 from ..multilora.ksampler import ksample
 from ..multilora.stack import LoraStack, require_active
-from .sampling import STACK_TIP, ksampler_inputs
+from .sampling import stack_sampler_inputs
 from .types import LoraStackType
 
 ORDERINGS = ["stack categories", "profiled scores"]
@@ -17,14 +17,13 @@ ORDERINGS = ["stack categories", "profiled scores"]
 class CmloraSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        base = ksampler_inputs()
         return io.Schema(
             node_id="MultiLoRACMLoRASampler", display_name="KSampler (CMLoRA)", category="multilora/sampling",
             description="CMLoRA (Zou et al. 2025): LoRA Composite where one dominant LoRA weighs more, rotating "
                         "over the high-frequency LoRAs (character, clothing, style, object) early and the "
                         "low-frequency ones (background) from 'stage_switch' on. With the cache on, only the "
                         "dominant LoRA refreshes its deep UNet features at refresh steps; the others reuse theirs.",
-            inputs=base[:1] + [LoraStackType.Input("lora_stack", tooltip=STACK_TIP)] + base[1:] + [
+            inputs=stack_sampler_inputs(
                 io.Boolean.Input("cache", default=True,
                                  tooltip="Feature cache: between refreshes, LoRAs reuse their cached deep UNet "
                                          "feature and run only the first/last level (UNet models)."),
@@ -33,7 +32,7 @@ class CmloraSampler(io.ComfyNode):
                 io.Combo.Input("ordering", options=ORDERINGS, default=ORDERINGS[0],
                                tooltip="High/low split from the rows' categories, or from scores written by "
                                        "'LoRA Frequency Profile' (above the median = high frequency)."),
-            ],
+            ),
             outputs=[io.Latent.Output(tooltip="The denoised latent.")],
         )
 

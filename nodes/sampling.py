@@ -35,6 +35,12 @@ def ksampler_inputs() -> list[io.Input]:
     ]
 
 
+def stack_sampler_inputs(*extra: io.Input) -> list[io.Input]:
+    """Core KSampler's inputs with the LoRA stack right after the model, then the method's own ``extra``."""
+    base = ksampler_inputs()
+    return base[:1] + [LoraStackType.Input("lora_stack", tooltip=STACK_TIP)] + base[1:] + list(extra)
+
+
 def switch_input() -> io.Input:
     return io.Int.Input("switch_every", default=5, min=1, max=10000, tooltip=SWITCH_TIP)
 
@@ -79,8 +85,7 @@ class LoraSwitchSampler(io.ComfyNode):
             node_id="MultiLoRASwitchSampler", display_name="KSampler (LoRA Switch)", category="multilora/sampling",
             description="KSampler with LoRA Switch (Zhong et al. 2024): one LoRA active per step, cycling every "
                         "τ steps in stack order. Same cost as one LoRA.",
-            inputs=ksampler_inputs()[:1] + [LoraStackType.Input("lora_stack", tooltip=STACK_TIP)]
-                   + ksampler_inputs()[1:] + [switch_input()],
+            inputs=stack_sampler_inputs(switch_input()),
             outputs=[io.Latent.Output(tooltip="The denoised latent.")],
         )
 
@@ -101,8 +106,7 @@ class LoraCompositeSampler(io.ComfyNode):
             category="multilora/sampling",
             description="KSampler with LoRA Composite (Zhong et al. 2024): every step each LoRA alone predicts "
                         "cond and uncond; the predictions are averaged before CFG. All branches are batched.",
-            inputs=ksampler_inputs()[:1] + [LoraStackType.Input("lora_stack", tooltip=STACK_TIP)]
-                   + ksampler_inputs()[1:] + [weighting_input()],
+            inputs=stack_sampler_inputs(weighting_input()),
             outputs=[io.Latent.Output(tooltip="The denoised latent.")],
         )
 
