@@ -111,11 +111,7 @@ def tiny_methods(args: argparse.Namespace, state: dict) -> dict[str, Callable]:
     from support.comfy_boot import pack_module
 
     model = tiny_models.build_tiny("sd15", seed=0)
-    names = []
-    for seed in (1, 2):
-        name = f"demo_lora_{seed}.safetensors"
-        lora_files.write_lora(model, os.path.join(state["loras_dir"], name), "kohya", seed=seed)
-        names.append(name)
+    names = lora_files.write_lora_set(model, state["loras_dir"], "demo_lora", (1, 2))
     folder_paths.filename_list_cache.clear()
     stack_mod, engine_mod = pack_module("multilora.stack"), pack_module("multilora.engine")
     methods_mod = pack_module("multilora.methods")
@@ -135,11 +131,7 @@ def tiny_methods(args: argparse.Namespace, state: dict) -> dict[str, Callable]:
     def clora():
         # CLoRA encodes its own prompt variants: it needs a CLIP (a tiny one here) and concept words.
         clip = tiny_models.build_tiny_clip(seed=0)
-        clora_names = []
-        for seed in (3, 4):
-            name = f"demo_clora_{seed}.safetensors"
-            lora_files.write_lora(model, os.path.join(state["loras_dir"], name), "kohya", seed=seed, clip=clip)
-            clora_names.append(name)
+        clora_names = lora_files.write_lora_set(model, state["loras_dir"], "demo_clora", (3, 4), clip=clip)
         folder_paths.filename_list_cache.clear()
         module = pack_module("multilora.clora")
         rows = [stack_mod.LoraRow(clora_names[0], 0.8, concept="cat", trigger="sks", category="character"),

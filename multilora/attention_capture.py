@@ -17,7 +17,6 @@ from typing import Mapping
 import torch
 
 import comfy.ldm.modules.attention as comfy_attention
-import comfy.patcher_extension
 
 from .errors import MultiLoRAError
 

@@ -565,11 +565,13 @@ def load_with_comfy(lora_sd: dict[str, torch.Tensor], patcher: comfy.model_patch
     return patches, collector.keys
 
 
-def write_lora_set(model, folder: str, prefix: str, seeds) -> list[str]:
-    """One kohya LoRA file per seed for ``model`` in ``folder`` (``<prefix>_<seed>.safetensors``); their names."""
+def write_lora_set(model, folder: str, prefix: str, seeds, fmt: str = "kohya",
+                   clip: comfy.sd.CLIP | None = None) -> list[str]:
+    """One LoRA file of format ``fmt`` per seed for ``model`` (and ``clip``, when given) in ``folder``
+    (``<prefix>_<seed>.safetensors``); their names."""
     names = []
     for seed in seeds:
         name = f"{prefix}_{seed}.safetensors"
-        write_lora(model, os.path.join(folder, name), "kohya", seed=seed)
+        write_lora(model, os.path.join(folder, name), fmt, seed=seed, clip=clip)
         names.append(name)
     return names

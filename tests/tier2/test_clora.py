@@ -19,11 +19,7 @@ PROMPT = "a photo of a cat and a dog in a park"
 def world(comfy_state, ml):
     model = tiny_models.build_tiny("sd15", seed=0)
     clip = tiny_models.build_tiny_clip(seed=0)
-    names = []
-    for seed in (51, 52, 53):
-        name = f"clora_{seed}.safetensors"
-        lora_files.write_lora(model, os.path.join(comfy_state["loras_dir"], name), "kohya", seed=seed, clip=clip)
-        names.append(name)
+    names = lora_files.write_lora_set(model, comfy_state["loras_dir"], "clora", (51, 52, 53), clip=clip)
     folder_paths.filename_list_cache.clear()
     s = ml("stack")
     rows = [s.LoraRow(names[0], 0.8, concept="cat", trigger="sks", category="character"),
@@ -268,11 +264,7 @@ def test_gradient_and_run_under_inference_mode_like_the_executor(ml, comfy_state
     with torch.inference_mode():
         model = tiny_models.build_tiny("sd15", seed=3)
         clip = tiny_models.build_tiny_clip(seed=3)
-        names = []
-        for seed in (71, 72):
-            name = f"clora_inf_{seed}.safetensors"
-            lora_files.write_lora(model, os.path.join(comfy_state["loras_dir"], name), "kohya", seed=seed, clip=clip)
-            names.append(name)
+        names = lora_files.write_lora_set(model, comfy_state["loras_dir"], "clora_inf", (71, 72), clip=clip)
         folder_paths.filename_list_cache.clear()
         s = ml("stack")
         rows = [s.LoraRow(names[0], 0.8, concept="cat", trigger="sks"), s.LoraRow(names[1], 0.8, concept="dog")]

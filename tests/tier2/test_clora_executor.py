@@ -1,6 +1,5 @@
 """CLoRA through ComfyUI's real validator and executor (nodes run under torch.inference_mode) on tiny
 SD1.5 and SDXL models, fed by a test-only loader node that hands the tiny MODEL/CLIP to the graph."""
-import os
 
 import pytest
 import torch
@@ -59,11 +58,7 @@ def loras(comfy_state):
     for kind in ("sd15", "sdxl"):
         model = tiny_models.build_tiny(kind, seed=0)  # same seed → same architecture/keys as the loader's
         clip = tiny_models.build_tiny_clip(seed=0) if kind == "sd15" else None
-        names[kind] = []
-        for seed in (91, 92):
-            name = f"clx_{kind}_{seed}.safetensors"
-            lora_files.write_lora(model, os.path.join(comfy_state["loras_dir"], name), "kohya", seed=seed, clip=clip)
-            names[kind].append(name)
+        names[kind] = lora_files.write_lora_set(model, comfy_state["loras_dir"], f"clx_{kind}", (91, 92), clip=clip)
     folder_paths.filename_list_cache.clear()
     return names
 

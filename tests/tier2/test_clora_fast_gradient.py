@@ -9,7 +9,6 @@ updated latent are compared bit for bit (atol = rtol = 0).
 """
 import contextlib
 import functools
-import os
 
 import pytest
 import torch
@@ -30,11 +29,7 @@ def inference_worlds(comfy_state, ml):
     with torch.inference_mode():
         for kind in ("sd15", "sdxl"):
             model = tiny_models.build_tiny(kind, seed=4)
-            names = []
-            for seed in (81, 82, 83):
-                name = f"clora_fast_{kind}_{seed}.safetensors"
-                lora_files.write_lora(model, os.path.join(comfy_state["loras_dir"], name), "kohya", seed=seed)
-                names.append(name)
+            names = lora_files.write_lora_set(model, comfy_state["loras_dir"], f"clora_fast_{kind}", (81, 82, 83))
             folder_paths.filename_list_cache.clear()
             s = ml("stack")
             rows = [s.LoraRow(names[0], 0.8, concept="cat"), s.LoraRow(names[1], 0.8, concept="dog"),

@@ -31,11 +31,7 @@ def models():
 
 
 def write_pair(comfy_state, patcher, kind, fmt):
-    names = []
-    for seed in (1, 2):
-        name = f"eq_{kind}_{fmt}_{seed}.safetensors"
-        lora_files.write_lora(patcher, os.path.join(comfy_state["loras_dir"], name), fmt, seed=seed)
-        names.append(name)
+    names = lora_files.write_lora_set(patcher, comfy_state["loras_dir"], f"eq_{kind}_{fmt}", (1, 2), fmt)
     folder_paths.filename_list_cache.clear()
     return names
 

@@ -1,6 +1,5 @@
 """The engine during real sampling: equal to merged LoRAs, and nothing left behind on the user's model
 after a normal run, a Cancel, or an exception inside the UNet."""
-import os
 
 import pytest
 import torch
@@ -18,11 +17,7 @@ STEPS = 6
 @pytest.fixture(scope="module")
 def setup(comfy_state, ml):
     patcher = tiny_models.build_tiny("sd15", seed=0)
-    names = []
-    for seed in (11, 12):
-        name = f"iso_{seed}.safetensors"
-        lora_files.write_lora(patcher, os.path.join(comfy_state["loras_dir"], name), "kohya", seed=seed)
-        names.append(name)
+    names = lora_files.write_lora_set(patcher, comfy_state["loras_dir"], "iso", (11, 12))
     folder_paths.filename_list_cache.clear()
     rows = [ml("stack").LoraRow(name=n, strength_model=s) for n, s in zip(names, (0.7, 0.9))]
     return patcher, names, rows
