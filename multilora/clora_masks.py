@@ -129,11 +129,12 @@ def maps_at_step(per_step: Sequence[Sequence[torch.Tensor]], step: int | None) -
     """Stored per-step concept maps at one step (negative counts from the end), or averaged when None."""
     count = len(per_step)
     if count == 0:
-        raise ValueError("CLoRA mask preview: the run stored no attention maps.")
+        raise ValueError("CLoRA Mask Preview: the run stored no attention maps (no sampling step ran, e.g. denoise 0). "
+                         "Sample with denoise > 0.")
     if step is None:
         return [torch.stack([maps[i] for maps in per_step]).mean(dim=0) for i in range(len(per_step[0]))]
     if not -count <= step < count:
-        raise ValueError(f"CLoRA mask preview: step {step} is out of range, the run stored {count} steps "
+        raise ValueError(f"CLoRA Mask Preview: step {step} is out of range, the run stored {count} steps "
                          f"(0 to {count - 1}). Pick a step in that range.")
     return list(per_step[step])
 

@@ -88,7 +88,8 @@ def test_clora_denoise_zero_gives_empty_masks(w):
     latent = {"samples": torch.randn(1, 4, 8, 8)}
     out, record, masks = run_node(w, "clora", latent=latent, denoise=0.0)
     assert torch.equal(out["samples"], latent["samples"]) and masks.shape == (2, 64, 64) and not masks.any()
-    with pytest.raises(ValueError, match="the run stored no attention maps"):
+    with pytest.raises(ValueError, match=r"^CLoRA Mask Preview: the run stored no attention maps \(no sampling step ran, "
+                                         r"e\.g\. denoise 0\)\. Sample with denoise > 0\.$"):
         nodes.NODE_CLASS_MAPPINGS["MultiLoRAMaskPreview"].execute(attention_maps=record, mask_threshold=0.4, step=-1,
                                                                   average_steps=False)
     w.assert_clean()
