@@ -73,10 +73,10 @@ def composition_prompts(k: int, count: int, seed: int = 0) -> list[Prompt]:
     return out
 
 
-def rows_for(stack, categories: Sequence[str]) -> tuple:
-    """LoraRows (strength 1, concept word, trigger, category) of the testbed LoRAs of ``categories``."""
-    return tuple(stack.LoraRow(lora_name(c), 1.0, 1.0, concept=CONCEPT_WORDS[c], trigger=world.TRIGGERS[c],
-                               category=c) for c in categories)
+def rows_for(stack, categories: Sequence[str], strength: float = 1.0) -> tuple:
+    """LoraRows (``strength``, concept word, trigger, category) of the testbed LoRAs of ``categories``."""
+    return tuple(stack.LoraRow(lora_name(c), strength, strength, concept=CONCEPT_WORDS[c],
+                               trigger=world.TRIGGERS[c], category=c) for c in categories)
 
 
 def encode(clip, text: str) -> list:
@@ -85,7 +85,7 @@ def encode(clip, text: str) -> list:
 
 
 def sample(ml: Callable, method: str, model, clip, rows, prompt: str, seed: int, seeds: int = SEEDS,
-           steps: int = STEPS) -> torch.Tensor:
+           steps: int = STEPS, switch_every: int = 5) -> torch.Tensor:
     """LATENT samples [seeds,4,32,32] of ``method`` (or "base": no LoRA) through the pack's own engine."""
     latent = torch.zeros(seeds, 4, world.SIZE, world.SIZE)
     if method == "clora":
@@ -101,7 +101,7 @@ def sample(ml: Callable, method: str, model, clip, rows, prompt: str, seed: int,
             sd = comfy.utils.load_torch_file(folder_paths.get_full_path("loras", row.name), safe_load=True)
             patched, _ = comfy.sd.load_lora_for_models(patched, None, sd, row.strength_model, 0.0)
     elif method == "switch":
-        patched = ml("methods").switch_model(model, rows, 5, "testbed")
+        patched = ml("methods").switch_model(model, rows, switch_every, "testbed")
     elif method == "composite":
         patched = ml("methods").composite_model(model, rows, None, "testbed")
     elif method == "cmlora":
