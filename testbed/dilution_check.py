@@ -35,7 +35,9 @@ import torch  # noqa: E402
 import comfy_model  # noqa: E402
 import detector as detector_lib  # noqa: E402
 import eval_core  # noqa: E402
+from eval_report import cell  # noqa: E402
 import folder_paths  # noqa: E402
+import world  # noqa: E402
 
 K = 2
 VARIANTS = {  # name: (method, strength, switch_every)
@@ -70,8 +72,7 @@ def main():
         print(name, json.dumps(results["variants"][name]), flush=True)
     with open(os.path.join(args.out, "dilution.json"), "w") as f:
         json.dump(results, f, indent=1)
-    cell = lambda v: f"{v[0]:.2f} [{v[1]:.2f}, {v[2]:.2f}]"  # noqa: E731
-    cats = [c for c in ("character", "clothing", "background", "object", "style")
+    cats = [c for c in world.CATEGORIES
             if f"has_{c}" in next(iter(results["variants"].values()))]
     lines = [f"k = {K}, {args.prompts} prompts × {args.seeds} seeds, mean [95 % bootstrap over prompts]", "",
              "| variant | all present | min presence prob. | " + " | ".join(cats) + " | sanity |",
