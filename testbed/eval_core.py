@@ -85,8 +85,9 @@ def encode(clip, text: str) -> list:
 
 
 def sample(ml: Callable, method: str, model, clip, rows, prompt: str, seed: int, seeds: int = SEEDS,
-           steps: int = STEPS, switch_every: int = 5) -> torch.Tensor:
-    """LATENT samples [seeds,4,32,32] of ``method`` (or "base": no LoRA) through the pack's own engine."""
+           steps: int = STEPS, switch_every: int = 5, cache: bool = True) -> torch.Tensor:
+    """LATENT samples [seeds,4,32,32] of ``method`` (or "base": no LoRA) through the pack's own engine
+    (``cache``: CMLoRA's feature cache, on as in the node's default)."""
     latent = torch.zeros(seeds, 4, world.SIZE, world.SIZE)
     if method == "clora":
         clora = ml("clora")
@@ -105,7 +106,7 @@ def sample(ml: Callable, method: str, model, clip, rows, prompt: str, seed: int,
     elif method == "composite":
         patched = ml("methods").composite_model(model, rows, None, "testbed")
     elif method == "cmlora":
-        patched = ml("cmlora").cmlora_model(model, rows, 0.55, False, "testbed")
+        patched = ml("cmlora").cmlora_model(model, rows, 0.55, False, "testbed", cache=cache)
     else:
         raise ValueError(f"testbed: unknown method '{method}'; use one of {METHODS + ('base',)}")
     noise = comfy.sample.prepare_noise(latent, seed)
@@ -131,13 +132,23 @@ def score(net, images: torch.Tensor, categories: Sequence[str], expected: dict) 
             "all": torch.stack(list(per.values())).min(0).values, "sanity": sanity}
 
 
-def bootstrap(per_prompt: torch.Tensor, reps: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+def grain(images: torch.Tensor) -> torch.Tensor:
+    """Per image: the median over pixels of |I − box₃(I)| (mean over RGB in [0, 1]; edge-replicated 3×3 box
+    blur). Flat regions give 0; edges and textures (brick, plaid) cover a minority of the pixels, so the median
+    mostly ignores them, while leftover sampling noise, which is everywhere, raises it."""
+    padded = torch.nn.functional.pad(images.float(), (1, 1, 1, 1), mode="replicate")
+    detail = (images.float() - torch.nn.functional.avg_pool2d(padded, 3, stride=1)).abs().mean(1)
+    return detail.flatten(1).median(1).values.cpu()
+
+
+def bootstrap(per_prompt: torch.Tensor, reps: int = 2000, seed: int = 0,
+              decimals: int = 3) -> tuple[float, float, float]:
     """Mean and 95 % percentile interval, resampling prompts (rows of [P, SEEDS])."""
     gen = torch.Generator().manual_seed(seed)
     means = per_prompt.mean(1)
     idx = torch.randint(0, len(means), (reps, len(means)), generator=gen)
     boot = means[idx].mean(1).sort().values
-    return round(float(means.mean()), 3), round(float(boot[int(0.025 * reps)]), 3), round(float(boot[int(0.975 * reps)]), 3)
+    return tuple(round(float(v), decimals) for v in (means.mean(), boot[int(0.025 * reps)], boot[int(0.975 * reps)]))
 
 
 def new_stats() -> dict[str, list]:

@@ -2,23 +2,24 @@
 
 The GPU evaluation (testbed/results/results.json; H200, 40 prompts × 4 seeds per k) found, and these tests pin:
 
-* F1 — at k = 2 Merge keeps every concept more often than Switch (all present 0.17 [0.12, 0.24] vs 0.01
-  [0.00, 0.03]; character 0.44 vs 0.04): ``test_k2_merge_keeps_all_concepts_more_often_than_switch``.
+* F1 — at k = 2 Merge keeps every concept more often than Switch (all present 0.45 [0.36, 0.54] vs 0.03
+  [0.01, 0.05]; character 0.61 vs 0.11): ``test_k2_merge_keeps_all_concepts_more_often_than_switch``.
 * F2 — each LoRA alone (k = 1) makes its concept appear more often than the base model on the same prompt
   without it: ``test_each_lora_alone_draws_its_concept_more_often_than_the_base``.
+* F3 — at k = 2 Merge keeps every concept more often than Composite (0.45 vs 0.11 [0.06, 0.18]):
+  ``test_k2_merge_keeps_all_concepts_more_often_than_composite``.
 
 and the machinery the GPU run relies on (testbed/eval_core.py): the k = 1 reference row (merge only, every
 category, per-category presence in the report), a method's time budget and its error recording
 (``test_k1_reference_row_code_path``, ``test_a_method_stops_at_its_time_budget_and_errors_are_recorded``).
 
-Not pinned: Merge vs Composite at k = 2 (0.17 vs 0.06 on the GPU). On these six prompts it is 2 vs 1
-all-present images (character 3 vs 2, summed min presence probability 1.78 vs 1.08): a one-image gap that a
-CPU-affordable set cannot tell from noise, for another minute of CPU (Composite runs one UNet pass per LoRA).
+Not pinned: CMLoRA vs Composite at k = 2 (0.14 vs 0.11 on the GPU, overlapping intervals; on the first 12 CPU
+prompts 3 vs 1 all-present images), which no CPU-affordable set can tell apart.
 
 Protocol as testbed/evaluate.py (euler/normal, 20 steps, cfg 5, LoRA strength 1, seed = prompt index, the
 committed weights) with one noise sample per prompt — image 0 of the evaluation's batch of 4, same noise — on
 the first prompts of ``composition_prompts``: a CPU image costs ≈ 5 s per method (2 idle cores), so each
-finding test samples 12 images (≈ 1 min) and its margins let one image flip (another CPU or torch build).
+finding test samples 12 to 24 images (1–2 min) and its margins let one image flip (another CPU or torch build).
 The numbers each margin was chosen from are in the test docstrings.
 """
 from __future__ import annotations
@@ -59,18 +60,22 @@ def ctx(ml, core):
 
 @pytest.fixture(scope="module")
 def scores(core, ctx):
-    """scores(k, method, count) → per-prompt detector scores of image 0 (seed = prompt index)."""
+    """scores(k, method, count) → per-prompt detector scores of image 0 (seed = prompt index) of the first
+    ``count`` prompts. Memoised per (k, method): the prompt list of a larger count starts with the smaller."""
     import comfy_model
+    done: dict[tuple[int, str], list[dict]] = {}
 
     def get(k: int, method: str, count: int) -> list[dict]:
-        out = []
+        out = done.setdefault((k, method), [])
         for i, (cats, prompt, expected) in enumerate(core.composition_prompts(k, count)):
+            if i < len(out):
+                continue
             rows = core.rows_for(ctx["ml"]("stack"), cats) if method != "base" else ()
             latent = core.sample(ctx["ml"], method, ctx["model"], ctx["clip"], rows, prompt, i, seeds=1)
             s = core.score(ctx["net"], comfy_model.decode(latent), cats, expected)
             out.append({"all": float(s["all"][0]), "min_prob": float(s["min_prob"][0]),
                         "character": float(s["presence"].get("character", torch.zeros(1))[0])})
-        return out
+        return out[:count]
     return get
 
 
@@ -82,22 +87,30 @@ def totals(per_prompt: list[dict]) -> dict[str, float]:
 
 
 def test_k2_merge_keeps_all_concepts_more_often_than_switch(scores):
-    """F1. Measured (CPU, first 6 k = 2 prompts, image 0): all present merge 2 / switch 0, character 3 / 0,
-    summed min presence probability 1.78 / 0.00. Each margin survives one image flipping."""
+    """F1. Measured (CPU, first 6 k = 2 prompts, image 0): all present merge 2 / switch 0, character 3 / 1,
+    summed min presence probability 2.01 / 0.01. Each margin survives one image flipping."""
     merge, switch = totals(scores(2, "merge", K2_PROMPTS)), totals(scores(2, "switch", K2_PROMPTS))
     assert merge["all"] >= switch["all"] + 1, (merge, switch)
-    assert merge["character"] >= switch["character"] + 2, (merge, switch)
+    assert merge["character"] >= switch["character"] + 1, (merge, switch)
     assert merge["min_prob"] >= switch["min_prob"] + 0.7, (merge, switch)
 
 
 def test_each_lora_alone_draws_its_concept_more_often_than_the_base(scores):
     """F2. The same k = 1 prompts (trigger word in the caption) sampled with the category's LoRA alone and with
     the base model. Measured (CPU, first 6 k = 1 prompts: character, clothing, background, object, style,
-    character): concept present alone 4 (background, object, style, character) / base 1 (background: the base
-    paints something the detector calls brick), summed presence probability 4.00 / 1.05."""
+    character): concept present alone 4 (background, object, style, character) / base 1 (style: the base
+    recolours that scene so that the detector calls it duotone), summed presence probability 4.01 / 1.00."""
     alone, base = totals(scores(1, "merge", K1_PROMPTS)), totals(scores(1, "base", K1_PROMPTS))
     assert alone["all"] >= base["all"] + 2, (alone, base)
     assert alone["min_prob"] >= base["min_prob"] + 1.5, (alone, base)
+
+
+def test_k2_merge_keeps_all_concepts_more_often_than_composite(scores):
+    """F3. Measured (CPU, first 12 k = 2 prompts, image 0): all present merge 4 / composite 1, character 5 / 5,
+    summed min presence probability 3.83 / 0.98. The branches disagree on the slots: see testbed/README.md."""
+    merge, composite = totals(scores(2, "merge", 2 * K2_PROMPTS)), totals(scores(2, "composite", 2 * K2_PROMPTS))
+    assert merge["all"] >= composite["all"] + 2, (merge, composite)
+    assert merge["min_prob"] >= composite["min_prob"] + 1.5, (merge, composite)
 
 
 def test_k1_reference_row_code_path(core, ctx):
