@@ -26,7 +26,9 @@ class CmloraSampler(io.ComfyNode):
             inputs=stack_sampler_inputs(
                 io.Boolean.Input("cache", default=True,
                                  tooltip="Feature cache: between refreshes, LoRAs reuse their cached deep UNet "
-                                         "feature and run only the first/last level (UNet models)."),
+                                         "feature and run only the first/last level (UNet models). Saves most "
+                                         "on SDXL; the stale features can leave fine grain: turn it off if "
+                                         "images look noisy."),
                 io.Float.Input("stage_switch", default=0.55, min=0.0, max=1.0, step=0.01,
                                tooltip="g: fraction of the steps after which low-frequency LoRAs lead."),
                 io.Combo.Input("ordering", options=ORDERINGS, default=ORDERINGS[0],

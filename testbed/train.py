@@ -5,7 +5,8 @@
 
 Everything is seeded (data generator, init, dropout), so a run is reproducible up to GPU kernel
 non-determinism. Outputs in DIR: unet.safetensors, clip.safetensors (fp16, the EMA weights), one kohya
-LoRA per category in loras/ (rank 8, alpha 8, diffusers-style ``lora_unet_down_blocks_…`` keys, UNet only),
+LoRA per category in loras/ (``--rank``, alpha = rank; the committed ones: 16), diffusers-style
+``lora_unet_down_blocks_…`` keys, UNet only,
 detector.safetensors and train_log.json (losses, steps, seconds, detector accuracy on held-out renders).
 
 Objective (DDPM, Ho et al. 2020, in ComfyUI's EPS parameterisation): t ~ U{0..999}, σ = sigmas[t],
