@@ -123,6 +123,17 @@ def evaluate(net: Detector, images: torch.Tensor, scenes: world.SceneBatch) -> d
     return result
 
 
+def grain(images: torch.Tensor) -> torch.Tensor:
+    """Per image: the median over pixels of |I − box₃(I)| (mean over RGB in [0, 1]; edge-replicated 3×3 box
+    blur). Leftover sampling noise is everywhere and raises it (clean render + Gaussian noise of std 0.05:
+    ≈ 0.037); a shape's edges cover a minority of the pixels, so clean scenes of shapes, zorb or vest score 0.
+    The brick wall's mortar grid covers most pixels (clean: 0.14), so compare grain only between images that
+    draw the brick about equally often."""
+    padded = torch.nn.functional.pad(images.float(), (1, 1, 1, 1), mode="replicate")
+    detail = (images.float() - torch.nn.functional.avg_pool2d(padded, 3, stride=1)).abs().mean(1)
+    return detail.flatten(1).median(1).values.cpu()
+
+
 def load_detector(path: str, device="cpu") -> Detector:
     from safetensors.torch import load_file
     net = Detector()

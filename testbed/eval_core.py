@@ -132,15 +132,6 @@ def score(net, images: torch.Tensor, categories: Sequence[str], expected: dict) 
             "all": torch.stack(list(per.values())).min(0).values, "sanity": sanity}
 
 
-def grain(images: torch.Tensor) -> torch.Tensor:
-    """Per image: the median over pixels of |I − box₃(I)| (mean over RGB in [0, 1]; edge-replicated 3×3 box
-    blur). Flat regions give 0; edges and textures (brick, plaid) cover a minority of the pixels, so the median
-    mostly ignores them, while leftover sampling noise, which is everywhere, raises it."""
-    padded = torch.nn.functional.pad(images.float(), (1, 1, 1, 1), mode="replicate")
-    detail = (images.float() - torch.nn.functional.avg_pool2d(padded, 3, stride=1)).abs().mean(1)
-    return detail.flatten(1).median(1).values.cpu()
-
-
 def bootstrap(per_prompt: torch.Tensor, reps: int = 2000, seed: int = 0,
               decimals: int = 3) -> tuple[float, float, float]:
     """Mean and 95 % percentile interval, resampling prompts (rows of [P, SEEDS])."""

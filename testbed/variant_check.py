@@ -4,7 +4,7 @@
 
 Each set samples evaluate.py's k-LoRA prompts with the protocol of evaluate.py (euler/normal, 20 steps, cfg 5,
 seed = prompt index, the first ``--seeds`` noise samples of its batch) and scores them with the detector, plus
-``grain`` (``eval_core.grain``: leftover high-frequency noise of the decoded image).
+``grain`` (``detector.grain``: leftover high-frequency noise of the decoded image).
 
 * ``dilution`` — does Merge beat Switch and Composite because each LoRA's effect is diluted? Merge adds every
   LoRA's full ΔW at every step, Composite averages k single-LoRA predictions (each concept's effect on ε
@@ -96,7 +96,7 @@ def main():
                                       seeds=args.seeds, **kwargs)
             images = comfy_model.decode(latent)
             eval_core.add_scores(stats, eval_core.score(net, images, cats, expected), cats)
-            grains.append(eval_core.grain(images))
+            grains.append(detector_lib.grain(images))
         entry = dict(eval_core.summarise(stats), grain=eval_core.bootstrap(torch.stack(grains), decimals=4),
                      seconds=round(time.perf_counter() - start, 1))
         results["variants"][name] = entry
