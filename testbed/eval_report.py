@@ -23,8 +23,9 @@ def save_sheet(rows: list[list[torch.Tensor]], labels, path: str) -> None:
     sheet.save(path)
 
 
-def cell(v) -> str:
-    return f"{v[0]:.2f} [{v[1]:.2f}, {v[2]:.2f}]"
+def cell(v, digits: int = 2) -> str:
+    """Mean [low, high] of a bootstrap summary."""
+    return f"{v[0]:.{digits}f} [{v[1]:.{digits}f}, {v[2]:.{digits}f}]"
 
 
 def method_row(method: str, e: dict) -> str:

@@ -8,6 +8,8 @@
 #                                        # processes (evaluate_parallel.py); OUT/eval/results.{json,md}
 #
 # After `train`, copy OUT/w over testbed/weights (the committed weights) before `eval`, or pass OUT/w.
+# The device tool brings back at most 8 files from $OUT: pack OUT/w/loras and the logs into one tar there
+# (as done for the committed weights), or run train into another folder and copy only what you need to $OUT.
 set -euo pipefail
 stage=${1:?train or eval}
 out=${2:?output folder}

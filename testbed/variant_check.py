@@ -66,8 +66,7 @@ def markdown(results: dict) -> str:
     for name, e in results["variants"].items():
         lines.append(f"| {name} | {cell(e['all'])} | {cell(e['min_prob'])} | "
                      + " | ".join(cell(e[f"has_{c}"]) for c in cats)
-                     + f" | {cell(e['sanity'])} | {e['grain'][0]:.4f} [{e['grain'][1]:.4f}, {e['grain'][2]:.4f}]"
-                     + f" | {e['seconds']} |")
+                     + f" | {cell(e['sanity'])} | {cell(e['grain'], 4)} | {e['seconds']} |")
     return "\n".join(lines) + "\n"
 
 
