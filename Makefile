@@ -49,6 +49,6 @@ clean:
 demo: $(STAMP)
 	$(BIN)/python demo/run_demo.py --out demo_out
 
-# The template browser's cards (workflows/*.jpg), after a workflow is added or changed.
+# The template browser's cards (example_workflows/*.jpg), after a workflow is added or changed.
 thumbnails: $(STAMP)
 	$(BIN)/python demo/make_thumbnails.py

@@ -1,12 +1,13 @@
-"""Write workflows/<name>.jpg: the cards ComfyUI's template browser shows for the pack's example workflows.
+"""Write example_workflows/<name>.jpg: the cards ComfyUI's template browser shows for the pack's example workflows.
 
-Usage: ``.venv/bin/python demo/make_thumbnails.py`` (no ComfyUI needed). ComfyUI 0.3.75 lists every
-``custom_nodes/<pack>/workflows/*.json`` under *Templates → Extensions → <pack>*, and frontend 1.32 asks for
-``/api/workflow_templates/<pack>/<name>.jpg`` as its thumbnail (``mediaSubtype`` 'jpg' for custom-node
-templates), shown in a square card. Each card names the method and draws what it does with the workflow's
-own LoRA Stack over its 20 steps, computed with the pack's own schedule code (routing.switch_active_index,
-cmlora_schedule.cmlora_plan): one row per LoRA, one column per step, the colour's strength = the LoRA's
-weight at that step. The images of the tiny test models are noise, so they are not used. Deterministic:
+Usage: ``.venv/bin/python demo/make_thumbnails.py`` (no ComfyUI needed). ComfyUI (0.3.75 and 0.33.0) lists
+every ``custom_nodes/<pack>/example_workflows/*.json`` under *Templates → Extensions → <pack>*, and frontend
+1.32 asks for ``/api/workflow_templates/<pack>/<name>.jpg`` as its thumbnail (``mediaSubtype`` 'jpg' for
+custom-node templates), shown in a square card. Each card names the method and draws what it does with the
+workflow's own LoRA Stack over its 20 steps, computed with the pack's own schedule code
+(routing.switch_active_index, cmlora_schedule.cmlora_plan): one row per LoRA, one column per step, the
+colour's strength = the LoRA's weight at that step. The Compare workflow's card has one small such grid per
+method the node runs. The images of the tiny test models are noise, so they are not used. Deterministic:
 Pillow's bundled font only; each file stays well under 50 KB.
 """
 from __future__ import annotations
@@ -41,7 +42,12 @@ CARDS = {
     "multilora_cmlora": ("CMLoRA", "dominant LoRA rotates; cached steps", "cmlora"),
     "multilora_clora_two_subjects": ("CLoRA", "contrastive attention masks", "clora"),
     "multilora_clora_subject_style": ("CLoRA + style", "masked subjects, style everywhere", "clora"),
+    "multilora_compare": ("Compare methods", "one stack and seed, a tile per method", "compare"),
 }
+COMPARE_METHODS = (("Merge", "merge"), ("LoRA Switch", "switch"), ("LoRA Composite", "composite"),
+                   ("CLoRA", "clora"), ("CMLoRA", "cmlora"))
+"""The Compare node's methods in its order (multilora/compare.py METHODS): its last widgets are their
+run_* toggles, after switch_every."""
 
 
 def font(size: int) -> ImageFont.FreeTypeFont:
@@ -59,14 +65,22 @@ def stack_rows(workflow: dict) -> list[dict]:
     return rows
 
 
-def weights(kind: str, rows: list[dict]) -> tuple[list[list[float]], set[int]]:
+def compare_settings(workflow: dict) -> tuple[list[tuple[str, str]], int]:
+    """The (name, kind) of each method the Compare node runs, and its switch_every."""
+    values = next(n for n in workflow["nodes"] if n["type"] == "MultiLoRACompare")["widgets_values"]
+    toggles = values[-len(COMPARE_METHODS):]
+    return [m for m, on in zip(COMPARE_METHODS, toggles) if on], values[-len(COMPARE_METHODS) - 1]
+
+
+def weights(kind: str, rows: list[dict], switch_every: int = 5) -> tuple[list[list[float]], set[int]]:
     """weights[step][lora] in 0..1 for drawing, and the steps to mark (CMLoRA cache refreshes)."""
     k = len(rows)
     if kind == "merge":
         return [[1.0] * k for _ in range(STEPS)], set()
     if kind == "switch":
         routing = load_pure("routing")
-        return [[1.0 if routing.switch_active_index(i, 5, k) == j else 0.0 for j in range(k)] for i in range(STEPS)], set()
+        return [[1.0 if routing.switch_active_index(i, switch_every, k) == j else 0.0 for j in range(k)]
+                for i in range(STEPS)], set()
     if kind == "composite":
         return [[1.0 / k] * k for _ in range(STEPS)], set()
     if kind == "cmlora":
@@ -101,6 +115,29 @@ def draw_masks(draw: ImageDraw.ImageDraw, rows: list[dict], box: tuple[int, int,
         draw.text((cx, cy), rows[i]["concept"], font=font(16), fill=BACKGROUND, anchor="mm")
 
 
+def draw_compare(draw: ImageDraw.ImageDraw, workflow: dict, rows: list[dict], box: tuple[int, int, int, int]) -> None:
+    """The Compare node's grid: one tile per method it runs, each the method's LoRA weights per step (as the
+    method's own card draws them; Compare runs CMLoRA without its cache, so no refresh marks)."""
+    methods, switch_every = compare_settings(workflow)
+    x0, y0, x1, y1 = box
+    columns, gap = 2, 10
+    lines = -(-len(methods) // columns)
+    width, height = (x1 - x0 - gap * (columns - 1)) // columns, (y1 - y0 - gap * (lines - 1)) // lines
+    cell = (width - 16) // STEPS
+    row_height = min(20, (height - 36) // len(rows) - 3)
+    for n, (label, kind) in enumerate(methods):
+        left, top = x0 + (n % columns) * (width + gap), y0 + (n // columns) * (height + gap)
+        draw.rectangle((left, top, left + width, top + height), fill=(40, 40, 46))
+        draw.text((left + 8, top + 8), label, font=font(15), fill=TEXT)
+        per_step, _ = weights(kind, rows, switch_every)
+        for j, row in enumerate(rows):
+            y = top + 32 + j * (row_height + 3)
+            for i in range(STEPS):
+                x = left + 8 + i * cell
+                draw.rectangle((x, y, x + cell - 2, y + row_height),
+                               fill=blend(CATEGORY_COLOURS[row["category"]], per_step[i][j]))
+
+
 def card(name: str, workflow: dict) -> Image.Image:
     title, subtitle, kind = CARDS[name]
     rows = stack_rows(workflow)
@@ -109,6 +146,16 @@ def card(name: str, workflow: dict) -> Image.Image:
     draw.text((20, 18), title, font=font(34), fill=TEXT)
     draw.text((20, 62), subtitle, font=font(16), fill=MUTED)
 
+    if kind == "compare":
+        draw_compare(draw, workflow, rows, (20, 96, SIZE - 20, SIZE - 56))
+        legend = 20
+        for row in rows:
+            draw.rectangle((legend, SIZE - 46, legend + 8, SIZE - 38), fill=CATEGORY_COLOURS[row["category"]])
+            draw.text((legend + 12, SIZE - 42), row["category"], font=font(13), fill=MUTED, anchor="lm")
+            legend += 24 + round(draw.textlength(row["category"], font=font(13)))
+        draw.text((SIZE - 20, SIZE - 42), f"steps 1-{STEPS}", font=font(13), fill=MUTED, anchor="rm")
+        draw.text((20, SIZE - 30), "multilora-composition", font=font(14), fill=MUTED)
+        return image
     top = 100 if kind == "clora" else 124
     if kind == "clora":
         draw_masks(draw, rows, (20, top, SIZE - 20, top + 110))
@@ -140,13 +187,13 @@ def card(name: str, workflow: dict) -> Image.Image:
 
 
 def main() -> int:
-    for path in sorted(glob.glob(os.path.join(REPO, "workflows", "*.json"))):
+    for path in sorted(glob.glob(os.path.join(REPO, "example_workflows", "*.json"))):
         name = os.path.splitext(os.path.basename(path))[0]
         if name not in CARDS:
             raise SystemExit(f"{path}: no card for it; add one to CARDS in {os.path.relpath(__file__, REPO)}")
         with open(path, encoding="utf-8") as f:
             workflow = json.load(f)
-        target = os.path.join(REPO, "workflows", f"{name}.jpg")
+        target = os.path.join(REPO, "example_workflows", f"{name}.jpg")
         card(name, workflow).save(target, "JPEG", quality=85, optimize=True)
         print(f"{os.path.relpath(target, REPO)}: {os.path.getsize(target)} bytes")
     return 0

@@ -42,4 +42,4 @@ def test_comfyignore_keeps_the_runtime_files():
     with open(os.path.join(REPO_ROOT, ".comfyignore"), encoding="utf-8") as f:
         ignored = {line.strip().rstrip("/") for line in f if line.strip() and not line.startswith("#")}
     assert {"tests", "bench"} <= ignored
-    assert not ignored & {"nodes", "multilora", "js", "workflows", "__init__.py", "pyproject.toml", "README.md", "LICENSE"}
+    assert not ignored & {"nodes", "multilora", "js", "example_workflows", "__init__.py", "pyproject.toml", "README.md", "LICENSE"}

@@ -1,10 +1,10 @@
-"""Every workflow in workflows/ runs through ComfyUI's real validator and executor.
+"""Every workflow in example_workflows/ runs through ComfyUI's real validator and executor.
 
 Each UI-format workflow is converted to an API prompt the way the frontend does
 (``support.workflow_api.ui_to_api``), scaled down (64x64 latent, 4 steps) and pointed at the tiny
 real-format SD1.5 checkpoint; the demo LoRAs it references are written into the loras folder under
 their own names. The run must end with a real, non-constant PNG from SaveImage (and, in the CLoRA
-workflows, a preview PNG from CLoRA Mask Preview).
+workflows, a preview PNG from CLoRA Mask Preview; in the Compare workflow, its grid and its table).
 """
 from __future__ import annotations
 
@@ -23,17 +23,23 @@ import folder_paths
 import nodes
 from support.executor import PromptFailed, run_prompt
 from support.pack_loader import REPO_ROOT
+from support.saved_images import compare_methods, saved_image_size
 from support.tiny_checkpoint import DEMO_LORAS, ensure_demo_loras, ensure_tiny_checkpoint
 from support.workflow_api import (CONTROL_AFTER_GENERATE, CONTROL_VALUES, WorkflowError, ui_to_api,
                                   unknown_node_types, widget_names)
 
-WORKFLOWS_DIR = os.path.join(REPO_ROOT, "workflows")
+WORKFLOWS_DIR = os.path.join(REPO_ROOT, "example_workflows")
 WORKFLOW_FILES = sorted(glob.glob(os.path.join(WORKFLOWS_DIR, "*.json")))
 METHOD_WORKFLOWS = ("multilora_merge.json", "multilora_switch.json", "multilora_composite.json", "multilora_cmlora.json")
 """Same stack and prompts, one per method; their images compare side by side."""
 CLORA_WORKFLOWS = ("multilora_clora_two_subjects.json", "multilora_clora_subject_style.json")
 """KSampler (CLoRA) with its prompts in its own widgets and a stack of subject rows (+ a style row)."""
-EXPECTED = set(METHOD_WORKFLOWS) | set(CLORA_WORKFLOWS)
+COMPARE_WORKFLOW = "multilora_compare.json"
+"""The Compare node on the method workflows' stack, prompts and settings."""
+COMPARE_TABLE_ROWS = {"merge": "Merge", "lora_switch": "LoRA Switch", "lora_composite": "LoRA Composite",
+                      "clora": "CLoRA", "cmlora": "CMLoRA"}
+"""The Compare node's run_* toggles and the method names its table and grid labels use."""
+EXPECTED = set(METHOD_WORKFLOWS) | set(CLORA_WORKFLOWS) | {COMPARE_WORKFLOW}
 TEST_SIZE = 64
 TEST_STEPS = 4
 TEST_REFINE_ITERS = 2
@@ -63,12 +69,12 @@ def linked(prompt: dict, node_id: str, name: str) -> dict:
     return prompt[linked_id(prompt, node_id, name)]
 
 
-def png_pixels(file: str) -> np.ndarray:
-    """RGB pixels of a valid TEST_SIZE x TEST_SIZE PNG, as float32."""
+def png_pixels(file: str, size: tuple[int, int] = (TEST_SIZE, TEST_SIZE)) -> np.ndarray:
+    """RGB pixels of a valid PNG of ``size`` (width, height), as float32."""
     with Image.open(file) as image:
         image.verify()
     with Image.open(file) as image:
-        assert image.format == "PNG" and image.size == (TEST_SIZE, TEST_SIZE)
+        assert image.format == "PNG" and image.size == size, (image.format, image.size)
         pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
     assert np.isfinite(pixels).all()
     return pixels
@@ -137,7 +143,8 @@ def test_workflow_matches_the_node_definitions(path):
         dest = next(n for n in workflow["nodes"] if n["id"] == target)
         assert link[0] in source["outputs"][slot]["links"]
         assert dest["inputs"][target_slot]["link"] == link[0]
-        assert source["outputs"][slot]["type"] == dest["inputs"][target_slot]["type"] == kind
+        assert source["outputs"][slot]["type"] == kind
+        assert dest["inputs"][target_slot]["type"] in (kind, "*")  # "*": an any-type input (Preview as Text)
     assert workflow["last_link_id"] == max(link_ids)
     assert workflow["last_node_id"] == max(n["id"] for n in workflow["nodes"])
 
@@ -158,8 +165,22 @@ def test_workflow_runs_in_comfyui(path, demo_files):
     # The stub server has no client id, so ComfyUI sends no 'executed' messages: find the file instead.
     files = glob.glob(os.path.join(folder_paths.get_output_directory(), prefix + "_*.png"))
     assert len(files) == 1, f"SaveImage wrote {files}"
-    pixels = png_pixels(files[0])
+    save = next(k for k, v in prompt.items() if v["class_type"] == "SaveImage")
+    pixels = png_pixels(files[0], saved_image_size(prompt, save, TEST_SIZE))
     assert pixels.std() > 1.0, "the decoded image is (nearly) constant"
+
+    # The Compare node's table goes to Preview as Text, which shows it on the node (the UI outputs).
+    for node_id, node in prompt.items():
+        if node["class_type"] != "PreviewAny":
+            continue
+        compare = linked(prompt, node_id, "source")
+        assert compare["class_type"] == "MultiLoRACompare"
+        shown = server.history_result["outputs"].get(node_id, {}).get("text")
+        assert shown and len(shown) == 1, f"Preview as Text {node_id} showed {shown}"
+        chosen = compare_methods(compare["inputs"])
+        for toggle, method in COMPARE_TABLE_ROWS.items():
+            assert (f"| {method} | " in shown[0]) == (toggle in chosen), shown[0]
+        assert "skipped" not in shown[0], shown[0]
 
     # CLoRA Mask Preview is an output node: its preview is in the executor's UI outputs (what the frontend
     # shows) and, as a file, in ComfyUI's temp folder.
@@ -182,7 +203,15 @@ def workflow_summary(prompt: dict) -> dict:
     inputs = prompt[sampler]["inputs"]
     latent = linked(prompt, sampler, "latent_image")
     checkpoints = [n["inputs"]["ckpt_name"] for n in prompt.values() if n["class_type"] == "CheckpointLoaderSimple"]
-    if prompt[sampler]["class_type"] == "MultiLoRACLoRASampler":
+    if prompt[sampler]["class_type"] == "MultiLoRACompare":
+        # Compare encodes the prompts itself (with the stack's CLIP parts, as each method's own workflow does)
+        # and always denoises fully; model, CLIP and VAE come from the checkpoint untouched.
+        positive, negative = inputs["prompt"], inputs["negative_prompt"]
+        for name in ("model", "clip", "vae"):
+            assert linked(prompt, sampler, name)["class_type"] == "CheckpointLoaderSimple"
+        inputs = {**inputs, "denoise": 1.0}
+        stack = linked(prompt, sampler, "lora_stack")
+    elif prompt[sampler]["class_type"] == "MultiLoRACLoRASampler":
         # CLoRA encodes its prompt variants itself (each with only its LoRA's CLIP part): the prompts are its
         # own widgets, and model and CLIP come from the checkpoint untouched (no Apply LoRA Stack, which
         # would apply every LoRA's text-encoder part to every variant).
@@ -222,6 +251,23 @@ def test_method_workflows_are_comparable():
     assert reference["settings"]["seed"] == 42 and reference["settings"]["steps"] == 20
     used = [reference["stack"][f"lora_{n}"] for n in range(1, reference["stack"]["rows"] + 1)]
     assert used == [d.filename for d in DEMO_LORAS]
+
+
+def test_compare_workflow_runs_the_method_workflows_side_by_side():
+    """The Compare workflow is the method workflows in one node: the same checkpoint, seed, sampling settings,
+    prompts, latent and LoRA rows, Switch's switch_every, and one tile for each of their methods (CLoRA,
+    which needs a two-subject prompt, has workflows of its own)."""
+    path = os.path.join(WORKFLOWS_DIR, COMPARE_WORKFLOW)
+    prompt = ui_to_api(load(path))
+    reference = workflow_summary(ui_to_api(load(os.path.join(WORKFLOWS_DIR, "multilora_merge.json"))))
+    assert workflow_summary(prompt) == reference
+    compare = prompt[sampler_id(prompt)]
+    switch = ui_to_api(load(os.path.join(WORKFLOWS_DIR, "multilora_switch.json")))
+    assert compare["inputs"]["switch_every"] == switch[sampler_id(switch)]["inputs"]["switch_every"]
+    assert compare_methods(compare["inputs"]) == ["merge", "lora_switch", "lora_composite", "cmlora"]
+    outputs = {n["class_type"]: n for n in prompt.values() if n["class_type"] in ("SaveImage", "PreviewAny")}
+    assert outputs["SaveImage"]["inputs"]["images"] == [sampler_id(prompt), 0]  # the grid
+    assert outputs["PreviewAny"]["inputs"]["source"] == [sampler_id(prompt), 1]  # the table
 
 
 def test_clora_workflows_are_comparable_with_the_methods():

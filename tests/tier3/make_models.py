@@ -18,7 +18,7 @@ from support.comfy_boot import boot  # noqa: E402
 from support.pack_loader import REPO_ROOT  # noqa: E402
 
 CHECKPOINT_NAME = "v1-5-pruned-emaonly.safetensors"
-"""The checkpoint every workflow in workflows/ loads (see workflows/README.md)."""
+"""The checkpoint every workflow in example_workflows/ loads (see example_workflows/README.md)."""
 MODELS_CACHE = os.path.join(REPO_ROOT, ".cache", "tier3-models")
 """Where the browser tier keeps these files (git-ignored); written once, ~40 s and ~550 MB."""
 MODEL_FILES = (f"checkpoints/{CHECKPOINT_NAME}", "loras/demo_character.safetensors",

@@ -8,7 +8,7 @@ import time
 
 from support.pack_loader import REPO_ROOT
 
-MERGE = os.path.join(REPO_ROOT, "workflows", "multilora_merge.json")
+MERGE = os.path.join(REPO_ROOT, "example_workflows", "multilora_merge.json")
 ROW_FIELDS = ("lora", "on", "strength_model", "strength_clip", "category", "concept", "trigger")
 ADD, REMOVE = "+ add LoRA row", "− remove last row"
 

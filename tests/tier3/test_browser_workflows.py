@@ -1,4 +1,4 @@
-"""Every workflow in workflows/ opens in the real frontend without problems, runs from the Run button and
+"""Every workflow in example_workflows/ opens in the real frontend without problems, runs from the Run button and
 shows its images; a broken copy is flagged.
 
 The server has the tiny real-format SD1.5 checkpoint and the demo LoRAs under the names the workflows use,
@@ -16,8 +16,9 @@ import pytest
 from PIL import Image
 
 from support.pack_loader import REPO_ROOT
+from support.saved_images import saved_image_size
 
-WORKFLOWS = sorted(glob.glob(os.path.join(REPO_ROOT, "workflows", "*.json")))
+WORKFLOWS = sorted(glob.glob(os.path.join(REPO_ROOT, "example_workflows", "*.json")))
 
 
 def load(path: str) -> dict:
@@ -25,13 +26,13 @@ def load(path: str) -> dict:
         return json.load(f)
 
 
-def check_png(path: str) -> None:
+def check_png(path: str, size: tuple[int, int] = (64, 64)) -> None:
     with Image.open(path) as image:
-        assert image.format == "PNG" and image.size == (64, 64), (image.format, image.size)
+        assert image.format == "PNG" and image.size == size, (image.format, image.size)
 
 
 def test_there_are_workflows():
-    assert len(WORKFLOWS) >= 6
+    assert len(WORKFLOWS) >= 7
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=os.path.basename)
@@ -56,9 +57,18 @@ def test_workflow_opens_runs_and_shows_its_images(ui, comfy, path):
     for node in saved:
         images = history["outputs"][str(node["id"])]["images"]
         assert len(images) == 1 and images[0]["type"] == "output"
-        check_png(comfy.output_file(images[0]))
+        size = saved_image_size(prompt["prompt"], str(node["id"]), 64)  # the Compare node's grid is wider
+        check_png(comfy.output_file(images[0]), size)
         shown = ui.wait_for_image(node["id"])
-        assert shown[0]["width"] == 64 and shown[0]["height"] == 64
+        assert (shown[0]["width"], shown[0]["height"]) == size
+
+    for node in workflow["nodes"]:  # the Compare node's table, shown in Preview as Text's own widget
+        if node["type"] != "PreviewAny":
+            continue
+        text = history["outputs"][str(node["id"])]["text"]
+        assert len(text) == 1 and text[0].startswith("| method | seconds |"), text
+        ui.page.wait_for_function("([id, text]) => window.app.graph.getNodeById(id).widgets"
+                                  ".some(w => w.name === 'preview' && w.value === text)", arg=[node["id"], text[0]])
 
     for node in workflow["nodes"]:
         if node["type"] != "MultiLoRAMaskPreview":
@@ -75,7 +85,7 @@ def test_a_workflow_with_an_unknown_node_is_flagged(ui, tmp_path):
     """A copy of a workflow whose LoRA Stack became an unknown node type: the same check that passes the
     real workflows above reports it (and the frontend shows its missing-nodes dialog), so a workflow that
     references a node this pack no longer has fails the suite."""
-    source = os.path.join(REPO_ROOT, "workflows", "multilora_merge.json")
+    source = os.path.join(REPO_ROOT, "example_workflows", "multilora_merge.json")
     broken = copy.deepcopy(load(source))
     victim = next(n for n in broken["nodes"] if n["type"] == "MultiLoRAStack")
     victim["type"] = "MultiLoRANoSuchNode"
@@ -98,7 +108,7 @@ def test_a_workflow_with_an_unknown_node_is_flagged(ui, tmp_path):
 
 def test_a_workflow_with_a_model_file_the_server_lacks_is_flagged(ui, tmp_path):
     """A LoRA file name the server does not have is an invalid (red) input for the same check."""
-    broken = load(os.path.join(REPO_ROOT, "workflows", "multilora_switch.json"))
+    broken = load(os.path.join(REPO_ROOT, "example_workflows", "multilora_switch.json"))
     stack = next(n for n in broken["nodes"] if n["type"] == "MultiLoRAStack")
     stack["widgets_values"][stack["widgets_values"].index("demo_style.safetensors")] = "no_such_lora.safetensors"
     path = tmp_path / "multilora_switch_missing_lora.json"

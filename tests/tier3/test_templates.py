@@ -1,5 +1,5 @@
 """The pack's workflows in ComfyUI's template browser: listed by the server, each with its JPEG thumbnail
-(workflows/<name>.jpg, what frontend 1.32 asks for), and opened from the browser's Templates dialog."""
+(example_workflows/<name>.jpg, what frontend 1.32 asks for), and opened from the browser's Templates dialog."""
 from __future__ import annotations
 
 import glob
@@ -12,7 +12,7 @@ from PIL import Image
 from support.pack_loader import REPO_ROOT
 from tier3.server import PACK_DIR_NAME
 
-WORKFLOWS = sorted(glob.glob(os.path.join(REPO_ROOT, "workflows", "*.json")))
+WORKFLOWS = sorted(glob.glob(os.path.join(REPO_ROOT, "example_workflows", "*.json")))
 NAMES = sorted(os.path.splitext(os.path.basename(p))[0] for p in WORKFLOWS)
 MAX_THUMBNAIL_BYTES = 50_000
 
@@ -26,7 +26,7 @@ def test_each_template_is_served_with_its_thumbnail(comfy):
     for name in NAMES:
         status, _, body = comfy.request(f"/api/workflow_templates/{PACK_DIR_NAME}/{name}.json")
         assert status == 200
-        with open(os.path.join(REPO_ROOT, "workflows", f"{name}.json"), encoding="utf-8") as f:
+        with open(os.path.join(REPO_ROOT, "example_workflows", f"{name}.json"), encoding="utf-8") as f:
             assert json.loads(body) == json.load(f)
         status, headers, body = comfy.request(f"/api/workflow_templates/{PACK_DIR_NAME}/{name}.jpg")
         assert status == 200, f"{name}.jpg is missing: run demo/make_thumbnails.py"
@@ -38,7 +38,7 @@ def test_each_template_is_served_with_its_thumbnail(comfy):
 
 def test_no_stray_thumbnails():
     thumbnails = sorted(os.path.splitext(os.path.basename(p))[0]
-                        for p in glob.glob(os.path.join(REPO_ROOT, "workflows", "*.jpg")))
+                        for p in glob.glob(os.path.join(REPO_ROOT, "example_workflows", "*.jpg")))
     assert thumbnails == NAMES
 
 
@@ -53,13 +53,13 @@ def test_the_templates_dialog_shows_and_opens_them(ui):
             ".some(i => i.complete && i.naturalWidth > 0)", arg=name, timeout=20_000)
         size = ui.js("name => { const i = [...document.querySelectorAll(`[data-testid='template-workflow-${name}'] img`)]"
                      ".find(i => i.naturalWidth > 0); return [i.naturalWidth, i.naturalHeight]; }", name)
-        with Image.open(os.path.join(REPO_ROOT, "workflows", f"{name}.jpg")) as image:
+        with Image.open(os.path.join(REPO_ROOT, "example_workflows", f"{name}.jpg")) as image:
             assert tuple(size) == image.size, f"{name}: the card shows a {size} image, not its thumbnail"
 
     ui.page.locator("[data-testid='template-workflow-multilora_switch']").click()
     ui.page.wait_for_function("() => window.app.graph.nodes.some(n => n.type === 'MultiLoRASwitchSampler')",
                               timeout=20_000)
-    with open(os.path.join(REPO_ROOT, "workflows", "multilora_switch.json"), encoding="utf-8") as f:
+    with open(os.path.join(REPO_ROOT, "example_workflows", "multilora_switch.json"), encoding="utf-8") as f:
         expected = sorted(n["type"] for n in json.load(f)["nodes"])
     assert sorted(ui.node_types()) == expected
     assert ui.problems() == []
