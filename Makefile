@@ -1,16 +1,32 @@
 # `make test` sets everything up on a fresh machine (venv, torch, a real ComfyUI 0.3.75, the web frontend,
-# headless Chromium + Playwright) and runs the tests of every tier.
+# headless Chromium + Playwright) and runs the tests of every tier; then, where the stock ComfyUI 0.33.0 tree
+# is beside the checkout (../shared/comfyui/0.33.0), every tier again against a copy of it in its own venv.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.multilora-deps
 BROWSER_STAMP := $(VENV)/.multilora-browser
+CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: test test-fast test-browser setup browser-tools clean demo thumbnails
+.PHONY: test test-0.3.75 test-0.33 test-fast test-browser setup setup-0.33 browser-tools clean demo thumbnails
 
-test: $(STAMP) $(BROWSER_STAMP)
+# ComfyUI 0.33.0: a stock tree that is not on PyPI. It is copied out of the read-only shared folder (main.py and
+# the tests write beside it) and gets a venv of its own from its own requirements.txt.
+COMFY_033_SRC ?= ../shared/comfyui/0.33.0
+COMFY_033 := .cache/comfyui-0.33.0
+VENV_033 ?= .venv-0.33
+BIN_033 := $(VENV_033)/bin
+STAMP_033 := $(VENV_033)/.multilora-deps
+HAVE_033 := $(wildcard $(COMFY_033_SRC)/comfyui_version.py)
+
+test: test-0.3.75 $(if $(HAVE_033),test-0.33)
+
+test-0.3.75: $(STAMP) $(BROWSER_STAMP)
 	$(BIN)/pytest tests -q -rs
+
+test-0.33: $(STAMP_033) $(CHROMIUM)
+	COMFYUI_PATH=$(abspath $(COMFY_033)) $(BIN_033)/pytest tests -q -rs
 
 # Tier 3 only: the real ComfyUI server and its frontend in headless Chromium.
 test-browser: $(STAMP) $(BROWSER_STAMP)
@@ -31,19 +47,34 @@ $(STAMP): requirements-test.txt Makefile
 	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements-test.txt
 	touch $(STAMP)
 
+setup-0.33: $(STAMP_033)
+
+# torch/torchvision pinned as for 0.3.75; the rest is 0.33.0's own requirements.txt (torch and torchvision lines
+# dropped; pip picks the torchaudio that fits, comfy.sd imports it), which also pins the web frontend of that release.
+$(STAMP_033): $(COMFY_033_SRC)/requirements.txt requirements-test.txt tests/tier3/requirements.txt Makefile
+	rm -rf $(COMFY_033) && mkdir -p $(dir $(COMFY_033)) && cp -r $(COMFY_033_SRC) $(COMFY_033) && chmod -R u+w $(COMFY_033)
+	$(PYTHON) -m venv $(VENV_033)
+	$(BIN_033)/python -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
+	grep -Ev '^(torch|torchvision)\s*$$' $(COMFY_033)/requirements.txt > $(VENV_033)/comfyui-requirements.txt
+	$(BIN_033)/python -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1 \
+		-r $(VENV_033)/comfyui-requirements.txt \
+		pytest -r tests/tier3/requirements.txt
+	touch $(STAMP_033)
+
 # Browser tier tools: Debian's Chromium (no browser download works here), the Playwright wheel that drives it,
 # and the web frontend at the version ComfyUI's own requirements.txt pins.
 browser-tools: $(BROWSER_STAMP)
 
-$(BROWSER_STAMP): $(STAMP) tests/tier3/requirements.txt
-	test -x /usr/bin/chromium || { $(SUDO) apt-get update -q && \
-		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium chromium-driver; }
+$(CHROMIUM):
+	$(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium chromium-driver
+
+$(BROWSER_STAMP): $(STAMP) $(CHROMIUM) tests/tier3/requirements.txt
 	$(BIN)/python -m pip install -q --disable-pip-version-check \
 		"$$($(BIN)/python tests/tier3/frontend_requirement.py)" -r tests/tier3/requirements.txt
 	touch $(BROWSER_STAMP)
 
 clean:
-	rm -rf $(VENV) .cache/tier3-models tests/tier3/artifacts
+	rm -rf $(VENV) $(VENV_033) $(COMFY_033) .cache/tier3-models tests/tier3/artifacts
 
 # The pack's main job on an embedded default (tiny generated models), images + timings in demo_out/.
 demo: $(STAMP)

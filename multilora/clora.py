@@ -33,6 +33,7 @@ import comfy.utils
 from .attention_capture import (ConceptAttention, CrossAttentionRequired, StopAfterCapture, capture_level, capture_size,
                                 cross_attention_levels, cross_attention_sites, install_capture)
 from .clora_masks import check_threshold, fuse_with_masks, masks_from_maps
+from .comfy_compat import weight_streamed
 from .contrastive import concept_contrastive_loss, normalize_maps
 from .engine import build_engine
 from .feature_cache import CheckpointedUNet
@@ -155,10 +156,15 @@ def gradient_ready(diffusion_model: torch.nn.Module, share_weights: bool = True,
     to the weights: the caller must keep everything from writing the weights until backward is done (see
     ``unmerged``). Parameters that cannot be aliased (tensor subclasses) and, with ``share_weights=False``,
     all of them get per-forward copies instead (an identity weight/bias function forces ComfyUI's cast path
-    to copy). Parameters still in use are frozen. ``aliases``: a dict kept by the caller to reuse the aliases
+    to copy). Layers whose weights ComfyUI casts per call (lowvram offload, 0.33's dynamic VRAM) get a cloning
+    function: their cast lands in a buffer the next layer reuses, and backward needs the weight it saw.
+    Parameters still in use are frozen. ``aliases``: a dict kept by the caller to reuse the aliases
     over several passes (it holds the weights' memory: drop it when sampling ends)."""
     def identity(t):
         return t
+
+    def owned_copy(t):
+        return t.clone()
     swapped = []
     touched = []
     frozen = []
@@ -177,10 +183,12 @@ def gradient_ready(diffusion_model: torch.nn.Module, share_weights: bool = True,
                 needs_copies = needs_copies or p.is_inference()
                 if p.requires_grad:
                     frozen.append(p)
-            if needs_copies and isinstance(getattr(module, "weight_function", None), list):
-                module.weight_function.append(identity)
-                module.bias_function.append(identity)
-                touched.append(module)
+            streamed = weight_streamed(module)
+            if (needs_copies or streamed) and isinstance(getattr(module, "weight_function", None), list):
+                function = owned_copy if streamed else identity
+                module.weight_function.append(function)
+                module.bias_function.append(function)
+                touched.append((module, function))
         with torch.inference_mode():
             for p in frozen:
                 p.requires_grad_(False)
@@ -188,9 +196,9 @@ def gradient_ready(diffusion_model: torch.nn.Module, share_weights: bool = True,
     finally:
         for params, name, original in reversed(swapped):
             params[name] = original
-        for module in touched:
-            module.weight_function.remove(identity)
-            module.bias_function.remove(identity)
+        for module, function in touched:
+            module.weight_function.remove(function)
+            module.bias_function.remove(function)
         with torch.inference_mode():
             for p in frozen:
                 p.requires_grad_(True)

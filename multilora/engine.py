@@ -24,6 +24,12 @@ def build_engine(patcher, rows: Sequence[LoraRow], node: str, default_routing: R
     return OnTheFlyLoras(layers, [row.name for row in rows], default_routing)
 
 
+def with_graph_replay(patcher):
+    """A clone of ``patcher`` whose UNet calls replay from CUDA graphs, with no LoRA of the pack's: the fair
+    baseline for a model whose LoRAs ComfyUI merged (the stock sampler runs eagerly)."""
+    return clone_with_engine(patcher, OnTheFlyLoras({}, ()))
+
+
 def clone_with_engine(patcher, engine: OnTheFlyLoras):
     """A clone of ``patcher`` whose sampling runs apply ``engine``; the input patcher is untouched."""
     clone = patcher.clone()

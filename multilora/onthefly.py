@@ -27,6 +27,7 @@ import torch
 import comfy.patcher_extension
 import comfy.utils
 
+from .comfy_compat import weight_streamed
 from .cuda_graphs import GraphedUNet
 from .lowrank import LayerDeltas, apply_layer_deltas, merge_groups, merged_delta, merged_group_weights
 from .routing import Routing, SameForAll
@@ -171,6 +172,7 @@ class OnTheFlyLoras:
             self.graphs.reset()
             self._staged.clear()
             self.restore_weights()
+            self._mergeable_cache = {}  # the next run may load the model otherwise (lowvram, dynamic VRAM)
 
     def active_loras(self) -> frozenset[int]:
         """LoRAs in effect for the model call in progress (merged or routed)."""
@@ -182,15 +184,27 @@ class OnTheFlyLoras:
 
     # --- merged fast path ----------------------------------------------------------------------------
     def _mergeable(self, base_model) -> bool:
-        """Every targeted weight is a plain float tensor (not fp8/quantized): checked once per model."""
+        """Every targeted weight is a plain float tensor that the layer reads as it is: checked once per run.
+
+        Not fp8/quantized, not patched per call, and not streamed: ComfyUI's lowvram offload keeps the weight on
+        the CPU and 0.33's dynamic VRAM copies it into a GPU buffer kept resident (``_v``), so an in-place merge
+        into ``module.weight`` would be slow there or never seen. A cast of a resident weight (manual_cast ops)
+        reads ``module.weight`` at every call and may merge."""
         cached = self._mergeable_cache.get(id(base_model))
         if cached is None:
-            cached = all(
-                getattr(comfy.utils.get_attr(base_model, path), "weight", None) is not None
-                and comfy.utils.get_attr(base_model, path).weight.dtype in (torch.float16, torch.bfloat16, torch.float32)
-                for path in self.layers)
+            device = getattr(base_model, "device", None)
+            cached = all(self._plain_weight(comfy.utils.get_attr(base_model, path), device) for path in self.layers)
             self._mergeable_cache = {id(base_model): cached}
         return cached
+
+    @staticmethod
+    def _plain_weight(module: torch.nn.Module, device) -> bool:
+        weight = getattr(module, "weight", None)
+        if weight is None or weight.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            return False
+        if getattr(module, "weight_function", None) or getattr(module, "bias_function", None):
+            return False
+        return not weight_streamed(module, device)
 
     def _grouped_backups(self, base_model) -> tuple[list, list[str]]:
         """Same-shape low-rank layers as batched merge groups (with their stacked W₀ backups), and the

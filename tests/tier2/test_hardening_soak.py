@@ -23,7 +23,7 @@ import comfy.model_management
 import execution
 import nodes
 from support import lora_files, tiny_models
-from support.executor import CAPTURED, ServerStub
+from support.executor import CACHE_ARGS, CAPTURED, ServerStub
 from support.hardening import (CFG, INPUTS, PROMPT, Fault, forget_dead_loaded_models, leak_state, refresh,  # noqa: F401
                                register_inputs, samples_of, sampler_node, w)
 
@@ -64,7 +64,7 @@ class PromptQueue:
         nodes.NODE_CLASS_MAPPINGS.setdefault("TestSoakCaptureLatent", CaptureLatent)
         self.server = ServerStub()
         self.executor = execution.PromptExecutor(self.server, cache_type=execution.CacheType.CLASSIC,
-                                                 cache_args={"lru": 0, "ram": 0.0})
+                                                 cache_args=dict(CACHE_ARGS))
 
     def run(self, prompt: dict) -> list:
         """The executor's status messages for ``prompt`` (execution_success, _interrupted or _error last)."""
