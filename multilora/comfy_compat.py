@@ -5,7 +5,7 @@
   (comfy-aimdo's ``ModelPatcherDynamic``, on by default on NVIDIA GPUs) leaves every large weight on the CPU
   and copies it into a GPU buffer that it keeps resident (the layer's ``_v``) or evicts under pressure. Code
   that writes ``module.weight`` in place, or that keeps a cast weight beyond one op (autograd), must know it.
-Host module (no comfy import needed: it reads attributes ComfyUI's ops set).
+Pure module: it reads the attributes ComfyUI's ops set, and imports no comfy module.
 """
 from __future__ import annotations
 

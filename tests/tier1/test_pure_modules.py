@@ -13,7 +13,7 @@ lowrank = load_pure("lowrank")
 errors = load_pure("errors")
 
 PURE = ("stack", "routing", "lowrank", "errors", "fusion", "prompt_tokens", "contrastive", "clora_masks",
-        "cmlora_schedule", "frequency_profile")
+        "cmlora_schedule", "frequency_profile", "comfy_compat")
 HOST_MODULES = ("comfy", "comfy_api", "comfy_extras", "folder_paths", "nodes", "server", "execution",
                 "latent_preview", "node_helpers")
 
