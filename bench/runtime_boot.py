@@ -15,8 +15,6 @@ the patcher a user's ComfyUI gives it. Configurations:
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import os
 import sys
 
@@ -63,10 +61,6 @@ def boot(config: str, reserve_gb: float | None = None):
             comfy.memory_management.aimdo_enabled = True
     finally:
         sys.argv = argv
-    if "multilora_pack" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("multilora_pack", os.path.join(REPO, "__init__.py"),
-                                                      submodule_search_locations=[REPO])
-        package = importlib.util.module_from_spec(spec)
-        sys.modules["multilora_pack"] = package
-        spec.loader.exec_module(package)
-    return lambda name: importlib.import_module(f"multilora_pack.multilora.{name}")
+    sys.path.insert(1, os.path.join(REPO, "testbed"))
+    from boot import boot_comfy  # ComfyUI is imported already: this only loads the pack, by path
+    return boot_comfy()
