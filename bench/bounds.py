@@ -47,7 +47,7 @@ def graphed_ms(fn, reps: int = 20) -> float:
 
 def shallow_vs_full(kind: str, ml, batch: int) -> dict:
     import torch
-    feature_cache = ml("feature_cache")
+    feature_cache = ml("host.feature_cache")
     patcher = build_unet(kind)
     unet = patcher.model.diffusion_model
     device = next(unet.parameters()).device
@@ -74,8 +74,8 @@ def merge_cost(kind: str, ml, k: int, folder: str) -> dict:
     patcher = build_unet(kind)
     names, layers = write_loras(patcher, k, folder)
     folder_paths.add_model_folder_path("loras", folder, is_default=True)
-    stack = ml("stack")
-    engine = ml("engine").build_engine(patcher, [stack.LoraRow(n, 0.8) for n in names], "bench")
+    stack = ml("core.stack")
+    engine = ml("host.engine").build_engine(patcher, [stack.LoraRow(n, 0.8) for n in names], "bench")
     model = patcher.model
     times = []
     with torch.inference_mode():

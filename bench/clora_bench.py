@@ -51,17 +51,17 @@ def run_clora(kind, ml, steps, repeats, ks, folder, partial=None, profile_dir=No
     import comfy.sample
     import comfy.samplers
     import folder_paths
-    clora = ml("clora")
+    clora = ml("methods.clora")
     patcher = build_unet(kind)
     names, layers = write_loras(patcher, max(ks), folder)
     folder_paths.add_model_folder_path("loras", folder, is_default=True)
-    stack = ml("stack")
+    stack = ml("core.stack")
     size = 64 if kind == "sd15" else 128
     positive, negative = conds(kind)
     results = []
     for k in ks:
         rows = [stack.LoraRow(n, 0.8, concept=f"w{i}") for i, n in enumerate(names[:k])]
-        engine = ml("engine").build_engine(patcher, rows, "bench")
+        engine = ml("host.engine").build_engine(patcher, rows, "bench")
         clone = patcher.clone()
         engine.install(clone)
         gen = torch.Generator().manual_seed(3)

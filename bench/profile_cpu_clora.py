@@ -104,7 +104,7 @@ def main():
     import comfy.samplers
     import folder_paths
     torch.set_num_threads(args.threads)
-    clora = ml("clora")
+    clora = ml("methods.clora")
     if args.reference:
         import inspect
         if "share_weights" not in inspect.signature(clora.gradient_ready).parameters:
@@ -118,9 +118,9 @@ def main():
     with torch.inference_mode():  # as ComfyUI's executor: the model's weights are inference tensors
         patcher = build_model(args.channels, args.context)
         names, _ = bench_models.write_loras(patcher, 2, folder)  # the GPU benchmark's LoRAs (fp16 factors)
-        stack = ml("stack")
+        stack = ml("core.stack")
         rows = [stack.LoraRow(n, 0.8, concept=f"w{i}") for i, n in enumerate(names)]
-        engine = ml("engine").build_engine(patcher, rows, "bench")
+        engine = ml("host.engine").build_engine(patcher, rows, "bench")
         clone = patcher.clone()
         engine.install(clone)
         gen = torch.Generator().manual_seed(3)

@@ -5,7 +5,7 @@ weights, writes random kohya LoRAs of realistic shape (rank 16 on attn q/k/v/out
 proj_in/out of every transformer block; ``bench_models``), and times, per method and k: wall seconds per
 image (median of --repeats after one warm-up), seconds per step and peak torch.cuda.max_memory_allocated.
 The baseline is comfy.sample.sample on the model with the same k LoRAs merged by ComfyUI's LoraLoader path.
-The pack's methods replay their UNet calls from CUDA graphs (``multilora/cuda_graphs.py``); rows marked
+The pack's methods replay their UNet calls from CUDA graphs (``multilora/host/cuda_graphs.py``); rows marked
 "eager" run with MULTILORA_CUDA_GRAPHS=0, and every graphed row reports the largest difference of its final
 latent from its eager twin (same seed) where both ran.
 Usage (GPU machine): python bench/run_bench.py --models sd15 sdxl --out $OUT   (``--clora``: CLoRA instead)
@@ -82,10 +82,10 @@ def run_model(kind, ml, steps, repeats, ks, folder, partial=None, sequential_ks=
     names, layers = write_loras(patcher, max(ks), folder)
     print(f"built {kind} and {len(names)} LoRAs in {time.perf_counter() - t0:.1f}s", flush=True)
     folder_paths.add_model_folder_path("loras", folder, is_default=True)
-    stack = ml("stack")
-    methods = ml("methods")
-    engine = ml("engine")
-    cmlora = ml("cmlora")
+    stack = ml("core.stack")
+    methods = ml("methods.switch_composite")
+    engine = ml("host.engine")
+    cmlora = ml("methods.cmlora")
     categories = ("character", "clothing", "style", "background", "object")
     results = []
     outputs = {}

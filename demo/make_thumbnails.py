@@ -46,7 +46,7 @@ CARDS = {
 }
 COMPARE_METHODS = (("Merge", "merge"), ("LoRA Switch", "switch"), ("LoRA Composite", "composite"),
                    ("CLoRA", "clora"), ("CMLoRA", "cmlora"))
-"""The Compare node's methods in its order (multilora/compare.py METHODS): its last widgets are their
+"""The Compare node's methods in its order (multilora/methods/compare.py METHODS): its last widgets are their
 run_* toggles, after switch_every."""
 
 
@@ -78,13 +78,13 @@ def weights(kind: str, rows: list[dict], switch_every: int = 5) -> tuple[list[li
     if kind == "merge":
         return [[1.0] * k for _ in range(STEPS)], set()
     if kind == "switch":
-        routing = load_pure("routing")
+        routing = load_pure("core.routing")
         return [[1.0 if routing.switch_active_index(i, switch_every, k) == j else 0.0 for j in range(k)]
                 for i in range(STEPS)], set()
     if kind == "composite":
         return [[1.0 / k] * k for _ in range(STEPS)], set()
     if kind == "cmlora":
-        plan = load_pure("cmlora_schedule").cmlora_plan(STEPS, [r["category"] for r in rows])
+        plan = load_pure("core.cmlora_schedule").cmlora_plan(STEPS, [r["category"] for r in rows])
         top = max(max(p.weights) for p in plan)
         return [[w / top for w in p.weights] for p in plan], {p.step for p in plan if p.refresh}
     # CLoRA: every LoRA on every step, each only inside its concept's mask; the first half updates the latent.

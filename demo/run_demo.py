@@ -113,8 +113,8 @@ def tiny_methods(args: argparse.Namespace, state: dict) -> dict[str, Callable]:
     model = tiny_models.build_tiny("sd15", seed=0)
     names = lora_files.write_lora_set(model, state["loras_dir"], "demo_lora", (1, 2))
     folder_paths.filename_list_cache.clear()
-    stack_mod, engine_mod = pack_module("multilora.stack"), pack_module("multilora.engine")
-    methods_mod = pack_module("multilora.methods")
+    stack_mod, engine_mod = pack_module("multilora.core.stack"), pack_module("multilora.host.engine")
+    methods_mod = pack_module("multilora.methods.switch_composite")
     stack = stack_mod.LoraStack(tuple(stack_mod.LoraRow(n, 0.8) for n in names))
     positive = tiny_models.make_conditioning("sd15", seed=1)
     negative = tiny_models.make_conditioning("sd15", seed=2)
@@ -133,7 +133,7 @@ def tiny_methods(args: argparse.Namespace, state: dict) -> dict[str, Callable]:
         clip = tiny_models.build_tiny_clip(seed=0)
         clora_names = lora_files.write_lora_set(model, state["loras_dir"], "demo_clora", (3, 4), clip=clip)
         folder_paths.filename_list_cache.clear()
-        module = pack_module("multilora.clora")
+        module = pack_module("multilora.methods.clora")
         rows = [stack_mod.LoraRow(clora_names[0], 0.8, concept="cat", trigger="sks", category="character"),
                 stack_mod.LoraRow(clora_names[1], 0.8, concept="dog", category="object")]
         out, _ = module.clora_sample(model, clip, "a cat and a dog in a park", "blurry", rows, args.seed,
@@ -147,7 +147,7 @@ def tiny_methods(args: argparse.Namespace, state: dict) -> dict[str, Callable]:
         "onthefly": lambda: sample(on_the_fly()),
         "switch": lambda: sample(methods_mod.switch_model(model, stack.active(), 5, "demo")),
         "composite": lambda: sample(methods_mod.composite_model(model, stack.active(), None, "demo")),
-        "cmlora": lambda: sample(pack_module("multilora.cmlora").cmlora_model(model, stack.active(), 0.55, False, "demo")),
+        "cmlora": lambda: sample(pack_module("multilora.methods.cmlora").cmlora_model(model, stack.active(), 0.55, False, "demo")),
         "clora": clora,
     }
 
@@ -158,7 +158,7 @@ def real_methods(args: argparse.Namespace) -> tuple[dict[str, Callable], list[st
     import nodes
     from support.comfy_boot import pack_module
 
-    stack_mod = pack_module("multilora.stack")
+    stack_mod = pack_module("multilora.core.stack")
     ckpt_name = resolve("checkpoints", args.checkpoint)
     model, clip, vae = nodes.CheckpointLoaderSimple().load_checkpoint(ckpt_name)[:3]
     rows = []
@@ -170,8 +170,8 @@ def real_methods(args: argparse.Namespace) -> tuple[dict[str, Callable], list[st
             concept=args.concept[i] if i < len(args.concept) else ""))
     stack = stack_mod.LoraStack(tuple(rows))
     apply_stack = nodes.NODE_CLASS_MAPPINGS["MultiLoRAApplyStack"]
-    methods_mod = pack_module("multilora.methods")
-    engine_mod = pack_module("multilora.engine")
+    methods_mod = pack_module("multilora.methods.switch_composite")
+    engine_mod = pack_module("multilora.host.engine")
     latent = nodes.EmptyLatentImage().generate(args.width, args.height, 1)[0]
 
     def encode(text_clip):
@@ -196,7 +196,7 @@ def real_methods(args: argparse.Namespace) -> tuple[dict[str, Callable], list[st
         return sample(engine_mod.clone_with_engine(model, engine), with_loras)
 
     def clora():
-        module = pack_module("multilora.clora")
+        module = pack_module("multilora.methods.clora")
         out, _ = module.clora_sample(model, clip, args.prompt, args.negative, list(stack.active()), args.seed,
                                      args.steps, args.sampler, args.scheduler, latent, 1.0,
                                      module.CloraSettings(cfg=args.cfg))
@@ -208,7 +208,7 @@ def real_methods(args: argparse.Namespace) -> tuple[dict[str, Callable], list[st
         "onthefly": on_the_fly,
         "switch": lambda: sample(methods_mod.switch_model(model, stack.active(), args.switch_every, "demo"), with_loras),
         "composite": lambda: sample(methods_mod.composite_model(model, stack.active(), None, "demo"), with_loras),
-        "cmlora": lambda: sample(pack_module("multilora.cmlora").cmlora_model(model, stack.active(), 0.55, False, "demo"),
+        "cmlora": lambda: sample(pack_module("multilora.methods.cmlora").cmlora_model(model, stack.active(), 0.55, False, "demo"),
                                  with_loras),
         "clora": clora,
     }

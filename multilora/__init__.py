@@ -1,8 +1,20 @@
-"""Engine of the multi-LoRA composition pack.
+"""Engine of the multi-LoRA composition pack, in three layers; each imports only from the layers above it.
 
-Pure modules (torch + stdlib only, no ComfyUI imports): ``stack``, ``routing``, ``lowrank``, ``fusion``,
-``prompt_tokens``, ``contrastive``, ``clora_masks``, ``errors``.
-Host modules (the only ones importing ``comfy``): ``lora_files``, ``lora_bank``, ``onthefly``, ``engine``,
-``merge``, ``methods``, ``ksampler``, ``attention_capture``, ``clora``.
+``core/`` — pure maths (torch + stdlib, never ComfyUI):
+    ``errors`` (the pack's error types), ``stack`` (rows and their validation), ``routing`` (which LoRA
+    weights each batch chunk gets, step indices, the Switch schedule), ``lowrank`` (fused low-rank deltas
+    y += B_cat·(w ⊙ A_cat·x)), ``fusion`` (Composite's weighted mean of predictions), ``prompt_tokens``
+    (concept words → token positions), ``contrastive`` (CLoRA's NT-Xent loss on attention maps),
+    ``clora_masks`` (masks from attention maps, masked fusion), ``cmlora_schedule`` (CMLoRA's dominant-LoRA
+    plan), ``frequency_profile`` (high-frequency score of an image).
+``host/`` — the ComfyUI bridge (the only code importing ``comfy``):
+    ``comfy_compat`` (what differs between ComfyUI versions), ``lora_files`` (reading LoRA files),
+    ``lora_bank`` (a file's keys → low-rank factors per layer), ``onthefly`` (the engine: LoRAs applied on
+    the fly per chunk), ``engine`` (building it from stack rows), ``cuda_graphs`` (graph replay),
+    ``attention_capture`` (cross-attention maps of concept tokens), ``feature_cache`` (CMLoRA's cached
+    UNet features), ``ksampler`` (a KSampler call with a given guider/model).
+``methods/`` — the composition methods, built on the two layers above:
+    ``merge`` (ComfyUI's own merged LoRAs, the baseline), ``switch_composite`` (LoRA Switch and LoRA
+    Composite), ``cmlora`` (CMLoRA), ``clora`` (CLoRA), ``compare`` (every method on one seed).
 Node classes live in the pack's top-level ``nodes/`` package and only delegate to this package.
 """

@@ -5,9 +5,9 @@ import torch
 
 from comfy_api.latest import io, ui
 
-from ..multilora.clora import CloraSettings, clora_sample
-from ..multilora.clora_masks import check_threshold, maps_at_step, masks_from_maps, overlay
-from ..multilora.stack import require_active
+from ..multilora.methods.clora import CloraSettings, clora_sample
+from ..multilora.core.clora_masks import check_threshold, maps_at_step, masks_from_maps, overlay
+from ..multilora.core.stack import require_active
 from .sampling import STACK_TIP, ksampler_inputs
 from .types import AttentionMapsType, LoraStackType
 

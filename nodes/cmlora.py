@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..multilora.cmlora import cmlora_model
-from ..multilora.errors import StackError
-from ..multilora.frequency_profile import check_profile_images, high_frequency_score
-from ..multilora.ksampler import ksample
-from ..multilora.stack import LoraStack, require_active
+from ..multilora.methods.cmlora import cmlora_model
+from ..multilora.core.errors import StackError
+from ..multilora.core.frequency_profile import check_profile_images, high_frequency_score
+from ..multilora.host.ksampler import ksample
+from ..multilora.core.stack import LoraStack, require_active
 from .sampling import stack_sampler_inputs
 from .types import LoraStackType
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 import comfy.samplers
 from comfy_api.latest import io
 
-from ..multilora.errors import StackError
-from ..multilora.methods import CompositeGuider, composite_model, switch_model
-from ..multilora.ksampler import ksample
-from ..multilora.stack import require_active
+from ..multilora.core.errors import StackError
+from ..multilora.methods.switch_composite import CompositeGuider, composite_model, switch_model
+from ..multilora.host.ksampler import ksample
+from ..multilora.core.stack import require_active
 from .types import LoraStackType
 
 STACK_TIP = "The LoRAs to compose (enabled rows, in order), from a LoRA Stack node."

@@ -4,9 +4,9 @@ from __future__ import annotations
 import folder_paths
 from comfy_api.latest import io
 
-from ..multilora.errors import StackError
-from ..multilora.merge import merge_rows
-from ..multilora.stack import CATEGORIES, MAX_ROWS, NO_LORA, LoraStack, build_row
+from ..multilora.core.errors import StackError
+from ..multilora.methods.merge import merge_rows
+from ..multilora.core.stack import CATEGORIES, MAX_ROWS, NO_LORA, LoraStack, build_row
 from .types import LoraStackType
 
 ROW_FIELDS = ("lora", "on", "strength_model", "strength_clip", "category", "concept", "trigger")

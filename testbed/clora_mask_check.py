@@ -205,7 +205,7 @@ def render_probe(ml, model, clip, scene_count: int = 8, sigma_steps=SIGMA_STEPS,
     import comfy.sd
     import comfy.utils
     import comfy_model
-    capture_lib, masks_lib = ml("attention_capture"), ml("clora_masks")
+    capture_lib, masks_lib = ml("host.attention_capture"), ml("core.clora_masks")
     dm = model.model.diffusion_model
     levels = capture_lib.cross_attention_levels(dm)
     size = capture_lib.capture_size(SIZE, SIZE, capture_lib.capture_level(dm, levels))
@@ -221,11 +221,11 @@ def render_probe(ml, model, clip, scene_count: int = 8, sigma_steps=SIGMA_STEPS,
         images, objects = renders(scenes, seed)
         captions = [world.caption(scenes, i) for i in range(len(scenes))]
         context = encode_batch(clip, captions)
-        positions = ml("prompt_tokens").concept_positions(clip.tokenize, captions[0], ["zorb", "lantern"]) \
+        positions = ml("core.prompt_tokens").concept_positions(clip.tokenize, captions[0], ["zorb", "lantern"]) \
             if name == "concepts" else {"left": PLAIN_POSITIONS["left"], "right": PLAIN_POSITIONS["right"]}
         words = list(positions)
         for i, c in enumerate(captions):  # one set of token positions for the whole batch
-            found = ml("prompt_tokens").concept_positions(clip.tokenize, c, [world.LEFT_KINDS[int(scenes.left[i])],
+            found = ml("core.prompt_tokens").concept_positions(clip.tokenize, c, [world.LEFT_KINDS[int(scenes.left[i])],
                                                                               world.RIGHT_KINDS[int(scenes.right[i])]])
             assert list(found.values()) == [positions[w] for w in words], (c, found)
         noise = torch.randn(images.shape[0], 4, SIZE, SIZE, generator=torch.Generator().manual_seed(seed + 2))
@@ -280,7 +280,7 @@ def render_probe(ml, model, clip, scene_count: int = 8, sigma_steps=SIGMA_STEPS,
 def sample_probe(ml, model, clip, count: int = 8, seed: int = 5) -> dict:
     """The base model sampling plain captions: per site/level, step-averaged attention of the shape nouns."""
     import comfy.sample
-    levels = ml("attention_capture").cross_attention_levels(model.model.diffusion_model)
+    levels = ml("host.attention_capture").cross_attention_levels(model.model.diffusion_model)
     scenes = plain_scenes(count, seed)
     captions = [world.caption(scenes, i) for i in range(count)]
     recorder, clone = AttentionRecorder(), model.clone()
@@ -309,7 +309,7 @@ def clora_runs(ml, model, clip, seeds, with_trigger: bool, background: str = "gr
     """CLoRA's final masks (and images) for the zorb/lantern prompt, one run per seed. ``level``: what-if run
     capturing that UNet level instead of the pack's choice (clora.capture_level replaced for the runs)."""
     import comfy_model
-    clora, stack = ml("clora"), ml("stack")
+    clora, stack = ml("methods.clora"), ml("core.stack")
     if level is not None:
         original = clora.capture_level
         clora.capture_level = lambda *_: level
@@ -322,7 +322,7 @@ def clora_runs(ml, model, clip, seeds, with_trigger: bool, background: str = "gr
                  for cat, word, _, _ in CONCEPTS)
     prompt = f"a zorb on the left and a lantern on the right, {background} background"
     table: dict = {}
-    masks_from_maps = ml("clora_masks").masks_from_maps
+    masks_from_maps = ml("core.clora_masks").masks_from_maps
     for seed in seeds:
         result, record = clora.clora_sample(model, clip, prompt, "", rows, seed, STEPS, "euler", "normal",
                                             {"samples": torch.zeros(1, 4, SIZE, SIZE)}, 1.0, clora.CloraSettings(cfg=CFG))

@@ -90,7 +90,7 @@ def sample(ml: Callable, method: str, model, clip, rows, prompt: str, seed: int,
     (``cache``: CMLoRA's feature cache, on as in the node's default)."""
     latent = torch.zeros(seeds, 4, world.SIZE, world.SIZE)
     if method == "clora":
-        clora = ml("clora")
+        clora = ml("methods.clora")
         out, _ = clora.clora_sample(model, clip, prompt, "", rows, seed, steps, "euler", "normal",
                                     {"samples": latent}, 1.0, clora.CloraSettings(cfg=CFG))
         return out["samples"]
@@ -102,11 +102,11 @@ def sample(ml: Callable, method: str, model, clip, rows, prompt: str, seed: int,
             sd = comfy.utils.load_torch_file(folder_paths.get_full_path("loras", row.name), safe_load=True)
             patched, _ = comfy.sd.load_lora_for_models(patched, None, sd, row.strength_model, 0.0)
     elif method == "switch":
-        patched = ml("methods").switch_model(model, rows, switch_every, "testbed")
+        patched = ml("methods.switch_composite").switch_model(model, rows, switch_every, "testbed")
     elif method == "composite":
-        patched = ml("methods").composite_model(model, rows, None, "testbed")
+        patched = ml("methods.switch_composite").composite_model(model, rows, None, "testbed")
     elif method == "cmlora":
-        patched = ml("cmlora").cmlora_model(model, rows, 0.55, False, "testbed", cache=cache)
+        patched = ml("methods.cmlora").cmlora_model(model, rows, 0.55, False, "testbed", cache=cache)
     else:
         raise ValueError(f"testbed: unknown method '{method}'; use one of {METHODS + ('base',)}")
     noise = comfy.sample.prepare_noise(latent, seed)

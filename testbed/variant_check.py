@@ -90,7 +90,7 @@ def main():
         strength = kwargs.pop("strength", 1.0)
         stats, grains, start = eval_core.new_stats(), [], time.perf_counter()
         for i, (cats, prompt, expected) in enumerate(prompts):
-            rows = eval_core.rows_for(ml("stack"), cats, strength)
+            rows = eval_core.rows_for(ml("core.stack"), cats, strength)
             latent = eval_core.sample(ml, model=model, clip=clip, rows=rows, prompt=prompt, seed=i,
                                       seeds=args.seeds, **kwargs)
             images = comfy_model.decode(latent)

@@ -81,6 +81,6 @@ def boot() -> dict:
 
 
 def pack_module(name: str) -> ModuleType:
-    """The pack's submodule as loaded by ComfyUI, e.g. pack_module('multilora.onthefly')."""
+    """The pack's submodule as loaded by ComfyUI, e.g. pack_module('multilora.host.onthefly')."""
     state = boot()
     return importlib.import_module(f"{state['module_name']}.{name}")

@@ -84,7 +84,7 @@ class World:
 
     def stack(self, names=None, strengths=(0.8, 0.9, 0.6)):
         """Cat (character, trigger), dog (background), style: usable by every method, CLoRA included."""
-        s = self.ml("stack")
+        s = self.ml("core.stack")
         names = list(names or self.good)
         extras = [dict(concept="cat", trigger="sks", category="character"), dict(concept="dog", category="background"),
                   dict(category="style")]
@@ -243,7 +243,7 @@ def w(comfy_state, ml):
 
 @pytest.fixture(scope="module")
 def errors(ml):
-    return ml("errors")
+    return ml("core.errors")
 
 
 @pytest.fixture(autouse=True)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 COMPARE_LABEL_BAND = 24
-"""Height of the band of method names above the Compare node's tiles (multilora/compare.py labelled_grid)."""
+"""Height of the band of method names above the Compare node's tiles (multilora/methods/compare.py labelled_grid)."""
 
 
 def compare_methods(inputs: dict) -> list[str]:

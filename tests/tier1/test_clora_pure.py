@@ -9,10 +9,10 @@ import torch
 from support.comfy_boot import comfy_root
 from support.pack_loader import load_pure
 
-tokens_mod = load_pure("prompt_tokens")
-contrastive = load_pure("contrastive")
-masks_mod = load_pure("clora_masks")
-errors = load_pure("errors")
+tokens_mod = load_pure("core.prompt_tokens")
+contrastive = load_pure("core.contrastive")
+masks_mod = load_pure("core.clora_masks")
+errors = load_pure("core.errors")
 
 BOS, EOS = 49406, 49407
 

@@ -6,9 +6,9 @@ import torch
 
 from support.pack_loader import load_pure
 
-sched = load_pure("cmlora_schedule")
-freq = load_pure("frequency_profile")
-stack_mod = load_pure("stack")
+sched = load_pure("core.cmlora_schedule")
+freq = load_pure("core.frequency_profile")
+stack_mod = load_pure("core.stack")
 
 # Written out by hand from the rule (interval 2 while i < 0.375·T, 3 while i < 0.875·T, then 2).
 # 20 steps: 0.375·20 = 7.5, 0.875·20 = 17.5 — the last stage is never reached before step 20.

@@ -7,7 +7,7 @@ import torch
 
 from support.pack_loader import load_pure
 
-compat = load_pure("comfy_compat")
+compat = load_pure("host.comfy_compat")
 
 
 def layer(cast: bool, **attributes) -> torch.nn.Linear:

@@ -5,7 +5,7 @@ import torch
 
 from support.pack_loader import load_pure
 
-lowrank = load_pure("lowrank")
+lowrank = load_pure("core.lowrank")
 
 
 def layer(out_f, in_f, loras_ranks, seed, conv=False, dense=False):

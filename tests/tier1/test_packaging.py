@@ -28,9 +28,8 @@ def test_pyproject_has_what_the_registry_needs():
 def test_no_exec_or_eval_in_shipped_code():
     shipped = [os.path.join(REPO_ROOT, "__init__.py")]
     for folder in ("nodes", "multilora"):
-        for name in os.listdir(os.path.join(REPO_ROOT, folder)):
-            if name.endswith(".py"):
-                shipped.append(os.path.join(REPO_ROOT, folder, name))
+        for base, _, names in os.walk(os.path.join(REPO_ROOT, folder)):
+            shipped += [os.path.join(base, n) for n in names if n.endswith(".py")]
     for path in shipped:
         with open(path, encoding="utf-8") as f:
             tree = ast.parse(f.read())

@@ -7,28 +7,89 @@ import torch
 
 from support.pack_loader import REPO_ROOT, load_pure
 
-stack_mod = load_pure("stack")
-routing = load_pure("routing")
-lowrank = load_pure("lowrank")
-errors = load_pure("errors")
+stack_mod = load_pure("core.stack")
+routing = load_pure("core.routing")
+lowrank = load_pure("core.lowrank")
+errors = load_pure("core.errors")
 
-PURE = ("stack", "routing", "lowrank", "errors", "fusion", "prompt_tokens", "contrastive", "clora_masks",
-        "cmlora_schedule", "frequency_profile", "comfy_compat")
 HOST_MODULES = ("comfy", "comfy_api", "comfy_extras", "folder_paths", "nodes", "server", "execution",
                 "latent_preview", "node_helpers")
+PACK = os.path.join(REPO_ROOT, "multilora")
+# A layer may import from itself and from the layers before it, never from a later one.
+LAYERS = ("core", "host", "methods")
+# Pure besides core/: the version shim is plain torch so that tier 1 can test it.
+PURE_HOST = ("comfy_compat",)
 
 
-@pytest.mark.parametrize("name", PURE)
-def test_pure_modules_import_no_host(name):
-    with open(os.path.join(REPO_ROOT, "multilora", f"{name}.py"), encoding="utf-8") as f:
+def pack_files():
+    for layer in LAYERS:
+        for name in sorted(os.listdir(os.path.join(PACK, layer))):
+            if name.endswith(".py"):
+                yield layer, name[:-3]
+
+
+def imports_of(layer: str, module: str):
+    """(absolute top-level names, pack-relative targets as 'layer.module') imported anywhere in the file."""
+    with open(os.path.join(PACK, layer, f"{module}.py"), encoding="utf-8") as f:
         tree = ast.parse(f.read())
-    imported = set()
+    absolute, relative = set(), set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            imported |= {a.name.split(".")[0] for a in node.names}
+            absolute |= {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
-            imported.add(node.module.split(".")[0])
-    assert not imported & set(HOST_MODULES), f"{name} imports the host: {imported & set(HOST_MODULES)}"
+            absolute.add(node.module.split(".")[0])
+        elif isinstance(node, ast.ImportFrom):
+            parts = [layer] if node.level == 1 else []
+            assert node.level <= 2, f"{layer}/{module} reaches outside the engine package"
+            parts += (node.module or "").split(".")
+            relative.add(".".join(parts[:2]) if len(parts) > 1 else f"{layer}.{parts[0]}")
+    return absolute, relative
+
+
+def pure_closure(layer: str, module: str, seen=None):
+    """Every pack module the file imports, following relative imports transitively."""
+    seen = set() if seen is None else seen
+    for target in imports_of(layer, module)[1] - seen:
+        seen.add(target)
+        pure_closure(*target.split("."), seen)
+    return seen
+
+
+@pytest.mark.parametrize("layer,module", list(pack_files()))
+def test_layers_import_only_earlier_layers(layer, module):
+    _, relative = imports_of(layer, module)
+    for target in relative:
+        target_layer, target_module = target.split(".")
+        assert LAYERS.index(target_layer) <= LAYERS.index(layer), f"{layer}/{module} imports {target}"
+        assert os.path.isfile(os.path.join(PACK, target_layer, f"{target_module}.py")), target
+
+
+@pytest.mark.parametrize("layer,module", [(l, m) for l, m in pack_files() if l == "core" or m in PURE_HOST])
+def test_pure_modules_import_no_host_even_transitively(layer, module):
+    for target in {f"{layer}.{module}"} | pure_closure(layer, module):
+        absolute, _ = imports_of(*target.split("."))
+        assert not absolute & set(HOST_MODULES), f"{layer}/{module} reaches the host through {target}"
+
+
+def test_layering_check_catches_a_host_import_through_a_relative_one(tmp_path, monkeypatch):
+    for layer in LAYERS:
+        (tmp_path / layer).mkdir()
+    (tmp_path / "core" / "a.py").write_text("from .b import x\n")
+    (tmp_path / "core" / "b.py").write_text("import comfy.utils\nx = 1\n")
+    (tmp_path / "core" / "c.py").write_text("from ..host.d import y\n")
+    (tmp_path / "host" / "d.py").write_text("y = 2\n")
+    monkeypatch.setattr(__import__(__name__), "PACK", str(tmp_path))
+    with pytest.raises(AssertionError, match="reaches the host through core.b"):
+        test_pure_modules_import_no_host_even_transitively("core", "a")
+    with pytest.raises(AssertionError, match="core/c imports host.d"):
+        test_layers_import_only_earlier_layers("core", "c")
+
+
+def test_module_map_names_every_module():
+    with open(os.path.join(PACK, "__init__.py"), encoding="utf-8") as f:
+        doc = ast.get_docstring(ast.parse(f.read()))
+    missing = [f"{l}/{m}" for l, m in pack_files() if m != "__init__" and f"``{m}``" not in doc]
+    assert not missing, f"multilora/__init__.py's module map leaves out {missing}"
 
 
 def test_root_init_is_import_light():

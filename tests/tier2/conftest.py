@@ -13,5 +13,5 @@ def comfy_state() -> dict:
 
 @pytest.fixture(scope="session")
 def ml():
-    """Accessor for the pack's engine modules as ComfyUI loaded them: ml('onthefly')."""
+    """Accessor for the pack's engine modules as ComfyUI loaded them: ml('host.onthefly')."""
     return lambda name: pack_module(f"multilora.{name}")

@@ -21,7 +21,7 @@ def world(comfy_state, ml):
     clip = tiny_models.build_tiny_clip(seed=0)
     names = lora_files.write_lora_set(model, comfy_state["loras_dir"], "clora", (51, 52, 53), clip=clip)
     folder_paths.filename_list_cache.clear()
-    s = ml("stack")
+    s = ml("core.stack")
     rows = [s.LoraRow(names[0], 0.8, concept="cat", trigger="sks", category="character"),
             s.LoraRow(names[1], 0.8, concept="dog", category="object"),
             s.LoraRow(names[2], 0.5, category="style")]
@@ -31,13 +31,13 @@ def world(comfy_state, ml):
 def settings(ml, **kw):
     base = dict(cfg=5.0, refine_iters=3)
     base.update(kw)
-    return ml("clora").CloraSettings(**base)
+    return ml("methods.clora").CloraSettings(**base)
 
 
 def run(ml, world, steps=4, size=(8, 12), **kw):
     model, clip, rows = world
     latent = {"samples": torch.zeros(1, 4, *size)}
-    return ml("clora").clora_sample(model, clip, PROMPT, "blurry", rows, 3, steps, "euler", "normal", latent, 1.0,
+    return ml("methods.clora").clora_sample(model, clip, PROMPT, "blurry", rows, 3, steps, "euler", "normal", latent, 1.0,
                                     settings(ml, **kw))
 
 
@@ -54,7 +54,7 @@ def test_end_to_end_sd15_non_square_and_inputs_untouched(ml, world):
     before = {k: v.clone() for k, v in model.model.state_dict().items()}
     grad_flags = [p.requires_grad for p in model.model.parameters()]
     latent_in = {"samples": torch.zeros(1, 4, 8, 12)}
-    latent, record = ml("clora").clora_sample(model, clip, PROMPT, "blurry", rows, 3, 5, "euler", "normal",
+    latent, record = ml("methods.clora").clora_sample(model, clip, PROMPT, "blurry", rows, 3, 5, "euler", "normal",
                                               latent_in, 1.0, settings(ml))
     assert latent["samples"].shape == (1, 4, 8, 12) and torch.isfinite(latent["samples"]).all()
     assert torch.count_nonzero(latent_in["samples"]) == 0 and latent is not latent_in
@@ -76,10 +76,10 @@ def test_loss_decreases_over_refinement_iterations(ml, world):
 def test_gradient_matches_finite_difference(ml, world):
     """∇ₓL from autograd through the tiny UNet == central difference along a random direction."""
     model, clip, rows = world
-    clora = ml("clora")
+    clora = ml("methods.clora")
     concepts, style = clora.split_rows(rows)
     variants = clora.build_variants(clip, PROMPT, "blurry", concepts, style)
-    engine = ml("engine").build_engine(model, concepts + style, "test")
+    engine = ml("host.engine").build_engine(model, concepts + style, "test")
     clone = model.clone()
     engine.install(clone)
     guider = clora.CloraGuider(clone, engine, variants, settings(ml), clora.CloraRecord(["a", "b"], (8, 8)))
@@ -108,10 +108,10 @@ def test_gradient_matches_finite_difference(ml, world):
 
 def test_lambda_zero_without_update_is_a_composite_over_variants(ml, world):
     model, clip, rows = world
-    clora = ml("clora")
+    clora = ml("methods.clora")
     concepts, style = clora.split_rows(rows)
     variants = clora.build_variants(clip, PROMPT, "blurry", concepts, style)
-    engine = ml("engine").build_engine(model, concepts + style, "test")
+    engine = ml("host.engine").build_engine(model, concepts + style, "test")
     clone = model.clone()
     engine.install(clone)
     branch_outputs = []
@@ -139,7 +139,7 @@ def test_lambda_zero_without_update_is_a_composite_over_variants(ml, world):
 
 def handmade_variants(ml, comfy_state, kind, seeds, prefix):
     """A tiny model of ``kind`` with two concept LoRAs installed on a clone, and three hand-made variants."""
-    clora = ml("clora")
+    clora = ml("methods.clora")
     model = tiny_models.build_tiny(kind, seed=0)
     names = []
     for seed in seeds:
@@ -147,9 +147,9 @@ def handmade_variants(ml, comfy_state, kind, seeds, prefix):
         lora_files.write_lora(model, os.path.join(comfy_state["loras_dir"], name), "kohya", seed=seed)
         names.append(name)
     folder_paths.filename_list_cache.clear()
-    s = ml("stack")
+    s = ml("core.stack")
     rows = [s.LoraRow(n, 0.8, concept=w) for n, w in zip(names, ("cat", "dog"))]
-    engine = ml("engine").build_engine(model, rows, "test")
+    engine = ml("host.engine").build_engine(model, rows, "test")
     clone = model.clone()
     engine.install(clone)
     variants = [clora.Variant("p", tiny_models.make_conditioning(kind, seed=v), tiny_models.make_conditioning(kind, seed=9),
@@ -159,7 +159,7 @@ def handmade_variants(ml, comfy_state, kind, seeds, prefix):
 
 def test_sdxl_capture_update_and_fusion(ml, comfy_state):
     """SDXL layout (linear proj, several transformer blocks per site) with hand-made variant conds."""
-    clora = ml("clora")
+    clora = ml("methods.clora")
     model, engine, clone, variants = handmade_variants(ml, comfy_state, "sdxl", (61, 62), "clora")
     record = clora.CloraRecord(["a", "b"], (8, 8))
     st = settings(ml)
@@ -175,7 +175,7 @@ def test_sdxl_capture_update_and_fusion(ml, comfy_state):
 def test_cancel_mid_optimisation_leaves_nothing_patched(ml, world):
     model, clip, rows = world
     fresh = tiny_models.forward(model, *tiny_models.make_inputs("sd15")[:2], **tiny_models.make_inputs("sd15")[2])
-    clora = ml("clora")
+    clora = ml("methods.clora")
     original = clora.CloraGuider.loss
 
     calls = {"n": 0}
@@ -201,8 +201,8 @@ def test_cancel_mid_optimisation_leaves_nothing_patched(ml, world):
 
 def test_clear_errors_before_sampling(ml, world):
     model, clip, rows = world
-    clora = ml("clora")
-    errors = ml("errors")
+    clora = ml("methods.clora")
+    errors = ml("core.errors")
     latent = {"samples": torch.zeros(1, 4, 8, 8)}
 
     def go(prompt=PROMPT, rows=rows, model=model, **kw):
@@ -223,7 +223,7 @@ def test_token_positions_against_comfyui_tokenizers(ml, tokenizer):
     import comfy.sd1_clip
     import comfy.sdxl_clip
     tok = comfy.sd1_clip.SD1Tokenizer() if tokenizer == "sd1" else comfy.sdxl_clip.SDXLTokenizer()
-    pt = ml("prompt_tokens")
+    pt = ml("core.prompt_tokens")
     tokenize = tok.tokenize_with_weights
     cases = {
         "a cat and a dog": {"cat": [2], "dog": [5]},
@@ -266,13 +266,13 @@ def test_gradient_and_run_under_inference_mode_like_the_executor(ml, comfy_state
         clip = tiny_models.build_tiny_clip(seed=3)
         names = lora_files.write_lora_set(model, comfy_state["loras_dir"], "clora_inf", (71, 72), clip=clip)
         folder_paths.filename_list_cache.clear()
-        s = ml("stack")
+        s = ml("core.stack")
         rows = [s.LoraRow(names[0], 0.8, concept="cat", trigger="sks"), s.LoraRow(names[1], 0.8, concept="dog")]
         assert next(model.model.parameters()).is_inference()
-        clora = ml("clora")
+        clora = ml("methods.clora")
         concepts, style = clora.split_rows(rows)
         variants = clora.build_variants(clip, PROMPT, "blurry", concepts, style)
-        engine = ml("engine").build_engine(model, concepts, "test")
+        engine = ml("host.engine").build_engine(model, concepts, "test")
         clone = model.clone()
         engine.install(clone)
         guider = clora.CloraGuider(clone, engine, variants, settings(ml), clora.CloraRecord(["a", "b"], (8, 8)))
@@ -318,7 +318,7 @@ def test_capture_sites_of_full_size_unets(ml, kind, expected):
     config.set_inference_dtype(torch.float16, None)
     with torch.device("meta"):
         model = config.get_model({}, "", device="meta")
-    capture = ml("attention_capture")
+    capture = ml("host.attention_capture")
     levels = capture.cross_attention_levels(model.diffusion_model)
     assert sorted({site[:2] for site, level in levels.items() if level == 2}) == expected
     assert capture.capture_level(model.diffusion_model) == 2
@@ -327,14 +327,14 @@ def test_capture_sites_of_full_size_unets(ml, kind, expected):
 
 def test_shallow_unet_falls_back_to_its_deepest_attention_level(ml, world):
     model, _, _ = world
-    capture = ml("attention_capture")
+    capture = ml("host.attention_capture")
     assert set(capture.cross_attention_levels(model.model.diffusion_model).values()) == {0, 1}
     assert capture.capture_level(model.model.diffusion_model) == 1
 
 
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])
 def test_gradient_checkpointing_gives_the_same_gradient(ml, comfy_state, kind, monkeypatch):
-    clora = ml("clora")
+    clora = ml("methods.clora")
     real_checkpoint = torch.utils.checkpoint.checkpoint
     checkpoint_calls = []
 

@@ -31,10 +31,10 @@ def inference_worlds(comfy_state, ml):
             model = tiny_models.build_tiny(kind, seed=4)
             names = lora_files.write_lora_set(model, comfy_state["loras_dir"], f"clora_fast_{kind}", (81, 82, 83))
             folder_paths.filename_list_cache.clear()
-            s = ml("stack")
+            s = ml("core.stack")
             rows = [s.LoraRow(names[0], 0.8, concept="cat"), s.LoraRow(names[1], 0.8, concept="dog"),
                     s.LoraRow(names[2], 0.5, category="style")]
-            variants = [ml("clora").Variant("p", tiny_models.make_conditioning(kind, seed=v),
+            variants = [ml("methods.clora").Variant("p", tiny_models.make_conditioning(kind, seed=v),
                                             tiny_models.make_conditioning(kind, seed=9), {0: [2, 3], 1: [5]})
                         for v in range(3)]
             worlds[kind] = (model, rows, variants)
@@ -43,7 +43,7 @@ def inference_worlds(comfy_state, ml):
 
 def straightforward(ml, monkeypatch):
     """A context running CLoRA's gradient pass the first way: per-forward weight copies, full UNet calls."""
-    clora = ml("clora")
+    clora = ml("methods.clora")
 
     class FullForward:
         def __init__(self, capture):
@@ -63,10 +63,10 @@ def straightforward(ml, monkeypatch):
 
 def run_probe(ml, world, probe, steps=6, **settings):
     """Sample with a KSAMPLER whose function is ``probe(guider, engine, x, sigmas, options)`` (under inference mode)."""
-    clora = ml("clora")
+    clora = ml("methods.clora")
     model, rows, variants = world
     with torch.inference_mode():
-        engine = ml("engine").build_engine(model, rows, "test")
+        engine = ml("host.engine").build_engine(model, rows, "test")
         clone = model.clone()
         engine.install(clone)
         record = clora.CloraRecord(["a", "b"], (8, 8))
@@ -171,7 +171,7 @@ def test_merged_weights_at_the_start_of_an_update(ml, inference_worlds, monkeypa
 def test_user_model_untouched_after_runs_and_cancel(ml, inference_worlds, comfy_state):
     """Same parameter objects, flags and bits after a full CLoRA run and after a Cancel inside the gradient
     pass (where the parameters are swapped for aliases); a core KSampler on the model samples bit-identically."""
-    clora = ml("clora")
+    clora = ml("methods.clora")
     model, rows, variants = inference_worlds["sd15"]
     unet = model.model.diffusion_model
     params = dict(unet.named_parameters())
@@ -230,7 +230,7 @@ def test_user_model_untouched_after_runs_and_cancel(ml, inference_worlds, comfy_
 def test_quantized_like_parameters_fall_back_to_per_forward_copies(ml, inference_worlds, monkeypatch):
     """Parameters that cannot be aliased (tensor subclasses, e.g. quantized weights) keep the copy path, and
     the gradient is the same as with every weight aliased."""
-    clora = ml("clora")
+    clora = ml("methods.clora")
     seen = {}
     real = clora._shares_memory
 
@@ -252,7 +252,7 @@ def test_quantized_like_parameters_fall_back_to_per_forward_copies(ml, inference
 def test_masks_of_all_rows_at_once_equal_row_by_row(ml):
     """predict_noise thresholds the [B, T, h, w] maps of every row in one call; the masks are those of the
     former per-row loop, bit for bit (normalisation, thresholds and resize are per map)."""
-    masks_from_maps = ml("clora_masks").masks_from_maps
+    masks_from_maps = ml("core.clora_masks").masks_from_maps
     gen = torch.Generator().manual_seed(5)
     groups = [[torch.rand(3, 2, 4, 6, generator=gen), torch.rand(3, 1, 4, 6, generator=gen)],
               [torch.rand(3, 1, 4, 6, generator=gen) ** 3]]

@@ -19,7 +19,7 @@ def world(comfy_state, ml):
     for kind in ("sd15", "sdxl"):
         model = tiny_models.build_tiny(kind, seed=0)
         names = lora_files.write_lora_set(model, comfy_state["loras_dir"], f"cml_{kind}", (81, 82, 83))
-        s = ml("stack")
+        s = ml("core.stack")
         out[kind] = (model, tuple(s.LoraRow(n, 0.9, category=c) for n, c in zip(names, CATEGORIES)))
     folder_paths.filename_list_cache.clear()
     return out
@@ -39,16 +39,16 @@ def branches_of(clone):
 
 def test_equal_weights_reproduce_composite(ml, world):
     model, rows = world["sd15"]
-    clone = ml("cmlora").cmlora_model(model, rows, 0.55, False, "test", cache=False)
+    clone = ml("methods.cmlora").cmlora_model(model, rows, 0.55, False, "test", cache=False)
     wrapper = branches_of(clone)
     wrapper.weights_for = lambda options: (1 / 3, 1 / 3, 1 / 3)
-    composite = ml("methods").composite_model(model, rows, None, "test")
+    composite = ml("methods.switch_composite").composite_model(model, rows, None, "test")
     torch.testing.assert_close(run(clone, "sd15"), run(composite, "sd15"), atol=1e-6, rtol=1e-6)
 
 
 def test_every_step_uses_the_plan_dominant_and_weights(ml, world):
     model, rows = world["sd15"]
-    clone = ml("cmlora").cmlora_model(model, rows, 0.55, False, "test", cache=False)
+    clone = ml("methods.cmlora").cmlora_model(model, rows, 0.55, False, "test", cache=False)
     outputs = []
 
     def keep(executor, *args, **kwargs):
@@ -59,7 +59,7 @@ def test_every_step_uses_the_plan_dominant_and_weights(ml, world):
     clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, "test.keep", keep)
     denoised = []
     run(clone, "sd15", steps=8, callback=lambda i, d, x, n: denoised.append(d.clone()))
-    plan = ml("cmlora_schedule").cmlora_plan(8, list(CATEGORIES))
+    plan = ml("core.cmlora_schedule").cmlora_plan(8, list(CATEGORIES))
     assert branches_of(clone).dominants == [p.dominant for p in plan]
     assert len({p.dominant for p in plan}) > 1  # the dominant LoRA actually rotates
     for step, (den, outs) in enumerate(zip(denoised, outputs)):
@@ -72,7 +72,7 @@ def test_every_step_uses_the_plan_dominant_and_weights(ml, world):
 def test_sampler_node_on_sdxl_and_profiled_ordering(ml, world):
     model, rows = world["sdxl"]
     node = nodes.NODE_CLASS_MAPPINGS["MultiLoRACMLoRASampler"]
-    s = ml("stack")
+    s = ml("core.stack")
     stack = s.LoraStack(rows)
     kwargs = dict(model=model, lora_stack=stack, seed=4, steps=6, cfg=CFG, sampler_name="euler", scheduler="normal",
                   positive=tiny_models.make_conditioning("sdxl", seed=1),
@@ -88,7 +88,7 @@ def test_sampler_node_on_sdxl_and_profiled_ordering(ml, world):
 
 def test_frequency_profile_node_ranks_and_writes_scores(ml, world):
     _, rows = world["sd15"]
-    s = ml("stack")
+    s = ml("core.stack")
     stack = s.LoraStack(rows[:2])
     y, x = torch.meshgrid(torch.linspace(-1, 1, 64), torch.linspace(-1, 1, 64), indexing="ij")
     smooth = torch.exp(-(x ** 2 + y ** 2) * 3)[..., None].expand(64, 64, 3)
@@ -97,7 +97,7 @@ def test_frequency_profile_node_ranks_and_writes_scores(ml, world):
     scored, text = node.execute(lora_stack=stack, images=torch.stack([checker, smooth])).result
     assert scored.rows[0].hf_score > scored.rows[1].hf_score and stack.rows[0].hf_score is None
     assert rows[0].name in text
-    with pytest.raises(ml("errors").StackError, match="got 1 images for 2 enabled LoRAs"):
+    with pytest.raises(ml("core.errors").StackError, match="got 1 images for 2 enabled LoRAs"):
         node.execute(lora_stack=stack, images=smooth[None])
 
 
@@ -105,7 +105,7 @@ def test_frequency_profile_node_ranks_and_writes_scores(ml, world):
 def test_shallow_path_with_a_fresh_cache_reproduces_the_full_unet(ml, world, kind):
     model, _ = world[kind]
     unet = model.model.diffusion_model
-    cache = ml("feature_cache")
+    cache = ml("host.feature_cache")
     x, sigma, cond = tiny_models.make_inputs(kind, batch=2, seed=5)
     t = torch.tensor([500.0, 500.0])
     y = cond.get("y")
@@ -125,14 +125,14 @@ def test_shallow_path_with_a_fresh_cache_reproduces_the_full_unet(ml, world, kin
 @pytest.mark.parametrize("steps", [20, 50])
 def test_full_unet_evaluations_follow_the_refresh_schedule(ml, world, steps):
     model, rows = world["sd15"]
-    clone = ml("cmlora").cmlora_model(model, rows, 0.55, False, "test", cache=True)
+    clone = ml("methods.cmlora").cmlora_model(model, rows, 0.55, False, "test", cache=True)
     feature_cache = clone.wrappers[comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL]["multilora.feature_cache"][0]
     out = run(clone, "sd15", steps=steps)
-    refresh = ml("cmlora_schedule").refresh_steps(steps)
+    refresh = ml("core.cmlora_schedule").refresh_steps(steps)
     k, conds = 3, 2
     expected_full = conds * (k + (len(refresh) - 1))  # all LoRAs at step 0, then the new dominant at each refresh
     assert feature_cache.full_branch_evaluations == expected_full
     assert feature_cache.shallow_branch_evaluations == conds * k * steps - expected_full
     assert torch.isfinite(out).all()
-    reference = run(ml("cmlora").cmlora_model(model, rows, 0.55, False, "test", cache=False), "sd15", steps=steps)
+    reference = run(ml("methods.cmlora").cmlora_model(model, rows, 0.55, False, "test", cache=False), "sd15", steps=steps)
     assert (out - reference).abs().max() > 0  # the cache is in effect

@@ -20,7 +20,7 @@ def test_compare_runs_the_methods_and_labels_the_grid(ml, loaded):
     """CLoRA is left out here for time (its 20 refinement passes on this checkpoint take a minute on two
     cores); its path through Compare is covered by the skip test and its behaviour by test_clora*.py."""
     model, clip, vae, loras = loaded
-    s = ml("stack")
+    s = ml("core.stack")
     stack = s.LoraStack((s.LoraRow(loras[0], 0.8, concept="knight", category="character"),
                          s.LoraRow(loras[1], 0.8, concept="dragon", category="object")))
     node = nodes.NODE_CLASS_MAPPINGS["MultiLoRACompare"]
@@ -38,7 +38,7 @@ def test_compare_runs_the_methods_and_labels_the_grid(ml, loaded):
 
 def test_compare_skips_a_method_whose_inputs_do_not_fit(ml, loaded):
     model, clip, vae, loras = loaded
-    s = ml("stack")
+    s = ml("core.stack")
     stack = s.LoraStack((s.LoraRow(loras[0], 0.8),))
     node = nodes.NODE_CLASS_MAPPINGS["MultiLoRACompare"]
     grid, table = node.execute(model=model, clip=clip, vae=vae, lora_stack=stack, prompt="a knight",

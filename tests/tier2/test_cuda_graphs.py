@@ -1,4 +1,4 @@
-"""CUDA-graph replay of the UNet forward (multilora/cuda_graphs.py) equals the eager path.
+"""CUDA-graph replay of the UNet forward (multilora/host/cuda_graphs.py) equals the eager path.
 
 CI has no GPU, so the graph backend is the CPU stand-in of ``support.graph_replay`` (capture = run the
 body, replay = run it again into the same static output): what is checked here is everything around the
@@ -36,7 +36,7 @@ def world(comfy_state):
 
 
 def rows(ml, names, strengths=(0.9, 1.1, 0.7)):
-    stack = ml("stack")
+    stack = ml("core.stack")
     return tuple(stack.LoraRow(n, s) for n, s in zip(names, strengths))
 
 
@@ -74,7 +74,7 @@ def graphed_and_eager(make, kind, **kwargs):
 @pytest.mark.parametrize("k", [1, 3])
 def test_composite_replayed_equals_eager_bit_for_bit(ml, world, kind, k):
     model, names = world[kind]
-    make = lambda: ml("methods").composite_model(model, rows(ml, names[:k]), None, "test")  # noqa: E731
+    make = lambda: ml("methods.switch_composite").composite_model(model, rows(ml, names[:k]), None, "test")  # noqa: E731
     graphed, eager, wrapper, backend = graphed_and_eager(make, kind)
     assert torch.equal(graphed, eager)
     # cond + uncond share one batched call per step: one signature, eager first call, then capture + replays.
@@ -85,7 +85,7 @@ def test_composite_replayed_equals_eager_bit_for_bit(ml, world, kind, k):
 
 def test_switch_replays_pick_up_weights_merged_in_place(ml, world):
     model, names = world["sd15"]
-    make = lambda: ml("methods").switch_model(model, rows(ml, names[:2]), 2, "test")  # noqa: E731
+    make = lambda: ml("methods.switch_composite").switch_model(model, rows(ml, names[:2]), 2, "test")  # noqa: E731
     graphed, eager, wrapper, backend = graphed_and_eager(make, "sd15")
     assert torch.equal(graphed, eager)
     assert backend.captures == 1 and wrapper.replays == STEPS - 1
@@ -96,7 +96,7 @@ def test_inputs_of_every_call_reach_the_replay(ml, world):
     model, names = world["sd15"]
     long_positive = tiny_models.make_conditioning("sd15", seed=1)
     long_positive[0][0] = torch.cat([long_positive[0][0], long_positive[0][0][:, :3] * 0.5], dim=1)
-    make = lambda: ml("methods").composite_model(model, rows(ml, names[:2]), None, "test")  # noqa: E731
+    make = lambda: ml("methods.switch_composite").composite_model(model, rows(ml, names[:2]), None, "test")  # noqa: E731
     graphed, eager, wrapper, backend = graphed_and_eager(make, "sd15", positive=long_positive, batch=2)
     assert torch.equal(graphed, eager)
     assert backend.captures == 2 and wrapper.replays == 2 * (STEPS - 1)
@@ -106,7 +106,7 @@ def test_calls_with_transformer_patches_stay_eager(ml, world):
     model, names = world["sd15"]
 
     def make():
-        clone = ml("methods").composite_model(model, rows(ml, names[:2]), None, "test")
+        clone = ml("methods.switch_composite").composite_model(model, rows(ml, names[:2]), None, "test")
         clone.set_model_attn2_patch(lambda q, k, v, extra_options: (q, k, v))
         return clone
     graphed, eager, wrapper, backend = graphed_and_eager(make, "sd15")
@@ -124,7 +124,7 @@ def test_calls_under_a_foreign_diffusion_model_wrapper_stay_eager(ml, world):
         return executor(*args, **kwargs)
 
     def make():
-        clone = ml("methods").composite_model(model, rows(ml, names[:2]), None, "test")
+        clone = ml("methods.switch_composite").composite_model(model, rows(ml, names[:2]), None, "test")
         clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "other.pack", foreign)
         return clone
     graphed, eager, wrapper, backend = graphed_and_eager(make, "sd15")
@@ -138,9 +138,9 @@ def test_cmlora_replays_and_equals_eager(ml, world, cache):
     the staged rows; with it the split forward is graphed per deep-row count (all at step 0, the dominant's,
     none), which rows run deep being data."""
     model, names = world["sd15"]
-    stack = ml("stack")
+    stack = ml("core.stack")
     cm_rows = tuple(stack.LoraRow(n, 1.0, category=c) for n, c in zip(names[:3], ("character", "style", "object")))
-    make = lambda: ml("cmlora").cmlora_model(model, cm_rows, 0.5, False, "test", cache=cache)  # noqa: E731
+    make = lambda: ml("methods.cmlora").cmlora_model(model, cm_rows, 0.5, False, "test", cache=cache)  # noqa: E731
     graphed, eager, wrapper, backend = graphed_and_eager(make, "sd15")
     assert torch.equal(graphed, eager)
     if cache:
@@ -151,10 +151,10 @@ def test_cmlora_replays_and_equals_eager(ml, world, cache):
 
 def test_a_failing_capture_falls_back_to_eager_once(ml, world, caplog):
     model, names = world["sd15"]
-    clone = ml("methods").composite_model(model, rows(ml, names[:2]), None, "test")
+    clone = ml("methods.switch_composite").composite_model(model, rows(ml, names[:2]), None, "test")
     backend = ReplayByRerun(fail_with=RuntimeError("operation not permitted when stream is capturing"))
     wrapper = with_backend(clone, backend)
-    eager_clone = ml("methods").composite_model(model, rows(ml, names[:2]), None, "test")
+    eager_clone = ml("methods.switch_composite").composite_model(model, rows(ml, names[:2]), None, "test")
     with_backend(eager_clone, ReplayByRerun(), enabled=False)
     with caplog.at_level(logging.WARNING, logger="multilora"):
         assert torch.equal(run(clone, "sd15"), run(eager_clone, "sd15"))
@@ -164,7 +164,7 @@ def test_a_failing_capture_falls_back_to_eager_once(ml, world, caplog):
 
 def test_cancel_during_capture_propagates_and_leaves_nothing(ml, world):
     model, names = world["sd15"]
-    clone = ml("methods").composite_model(model, rows(ml, names[:2]), None, "test")
+    clone = ml("methods.switch_composite").composite_model(model, rows(ml, names[:2]), None, "test")
     wrapper = with_backend(clone, ReplayByRerun(fail_with=comfy.model_management.InterruptProcessingException()))
     before = {k: v.clone() for k, v in model.model.state_dict().items()}
     with pytest.raises(comfy.model_management.InterruptProcessingException):
@@ -177,7 +177,7 @@ def test_cancel_during_capture_propagates_and_leaves_nothing(ml, world):
 
 def test_graphs_and_buffers_are_dropped_when_the_run_ends(ml, world):
     model, names = world["sd15"]
-    clone = ml("methods").composite_model(model, rows(ml, names[:2]), None, "test")
+    clone = ml("methods.switch_composite").composite_model(model, rows(ml, names[:2]), None, "test")
     backend = ReplayByRerun()
     wrapper = with_backend(clone, backend)
     run(clone, "sd15")
@@ -190,15 +190,15 @@ def test_graphs_and_buffers_are_dropped_when_the_run_ends(ml, world):
 def test_environment_switch_turns_graphs_off(ml, world, monkeypatch):
     model, names = world["sd15"]
     monkeypatch.setenv("MULTILORA_CUDA_GRAPHS", "0")
-    assert graph_wrapper(ml("methods").composite_model(model, rows(ml, names[:2]), None, "test")).enabled is False
+    assert graph_wrapper(ml("methods.switch_composite").composite_model(model, rows(ml, names[:2]), None, "test")).enabled is False
     monkeypatch.setenv("MULTILORA_CUDA_GRAPHS", "1")
-    assert graph_wrapper(ml("methods").composite_model(model, rows(ml, names[:2]), None, "test")).enabled is True
+    assert graph_wrapper(ml("methods.switch_composite").composite_model(model, rows(ml, names[:2]), None, "test")).enabled is True
 
 
 def test_cpu_tensors_are_never_graphed(ml, world):
     """The real backend declines CPU inputs: on a CPU-only install everything runs eagerly."""
     model, names = world["sd15"]
-    clone = ml("methods").composite_model(model, rows(ml, names[:2]), None, "test")
+    clone = ml("methods.switch_composite").composite_model(model, rows(ml, names[:2]), None, "test")
     wrapper = graph_wrapper(clone)
     assert wrapper.backend.available(torch.zeros(1)) is False
     run(clone, "sd15")

@@ -44,7 +44,7 @@ def merged_forward(patcher, name, strength, x, sigma, cond):
 
 
 def rows_of(ml, names):
-    stack = ml("stack")
+    stack = ml("core.stack")
     return [stack.LoraRow(name=n, strength_model=s) for n, s in zip(names, STRENGTHS)]
 
 
@@ -52,7 +52,7 @@ def rows_of(ml, names):
 def test_branch_i_equals_only_lora_i_merged(comfy_state, ml, models, kind, fmt):
     patcher = models[kind]
     names = write_pair(comfy_state, patcher, kind, fmt)
-    engine = ml("engine").build_engine(patcher, rows_of(ml, names), "test")
+    engine = ml("host.engine").build_engine(patcher, rows_of(ml, names), "test")
     x, sigma, cond = tiny_models.make_inputs(kind, batch=2, seed=3)
     base = tiny_models.forward(patcher, x, sigma, **cond)
     for i, name in enumerate(names):
@@ -73,14 +73,14 @@ def test_mixed_routing_in_one_batch_through_the_apply_model_wrapper(comfy_state,
     patcher = models[kind]
     fmt = FORMATS[kind][0]
     names = write_pair(comfy_state, patcher, kind, fmt)
-    engine = ml("engine").build_engine(patcher, rows_of(ml, names), "test")
-    clone = ml("engine").clone_with_engine(patcher, engine)
-    routing = ml("routing")
+    engine = ml("host.engine").build_engine(patcher, rows_of(ml, names), "test")
+    clone = ml("host.engine").clone_with_engine(patcher, engine)
+    routing = ml("core.routing")
     x, sigma, cond = tiny_models.make_inputs(kind, batch=3, seed=4)
     options = {
         "wrappers": clone.wrappers,
         "cond_or_uncond": [2, 0, 1],  # ComfyUI orders chunks freely: route by cond index, not position
-        ml("onthefly").ROUTING_KEY: routing.ByCondIndex({2: (1.0, 0.0), 0: (0.0, 1.0)}, (0.0, 0.0)),
+        ml("host.onthefly").ROUTING_KEY: routing.ByCondIndex({2: (1.0, 0.0), 0: (0.0, 1.0)}, (0.0, 0.0)),
     }
     with engine.attached(patcher.model), torch.no_grad():
         got = patcher.model.apply_model(x, sigma, transformer_options=options, **cond)
@@ -94,7 +94,7 @@ def test_mixed_routing_in_one_batch_through_the_apply_model_wrapper(comfy_state,
 def test_fused_flux_qkv_slices_are_patched(comfy_state, ml, models):
     patcher = models["flux"]
     names = write_pair(comfy_state, patcher, "flux", "diffusers")
-    engine = ml("engine").build_engine(patcher, rows_of(ml, names), "test")
+    engine = ml("host.engine").build_engine(patcher, rows_of(ml, names), "test")
     sliced = [d for path, d in engine.layers.items() if path.endswith("img_attn.qkv")]
     assert sliced, "no fused qkv layer was targeted"
     up = sliced[0].up_cat
@@ -106,18 +106,18 @@ def test_fused_flux_qkv_slices_are_patched(comfy_state, ml, models):
 def test_second_build_reads_no_file(comfy_state, ml, models):
     patcher = models["sd15"]
     names = write_pair(comfy_state, patcher, "sd15", "kohya")
-    files = ml("lora_files")
-    ml("engine").build_engine(patcher, rows_of(ml, names), "test")
+    files = ml("host.lora_files")
+    ml("host.engine").build_engine(patcher, rows_of(ml, names), "test")
     before = files.read_count
-    ml("engine").build_engine(patcher, rows_of(ml, names), "test")
+    ml("host.engine").build_engine(patcher, rows_of(ml, names), "test")
     assert files.read_count == before
     os.utime(folder_paths.get_full_path("loras", names[0]), ns=(1, 1))  # changed mtime → read again
-    ml("engine").build_engine(patcher, rows_of(ml, names), "test")
+    ml("host.engine").build_engine(patcher, rows_of(ml, names), "test")
     assert files.read_count == before + 1
 
 
 def test_lora_for_another_family_is_a_clear_error(comfy_state, ml, models):
     names = write_pair(comfy_state, models["sdxl"], "sdxl", "kohya")
     rows = rows_of(ml, names)
-    with pytest.raises(ml("errors").LoraFileError, match=r"test: LoRA 'eq_sdxl_kohya_1.safetensors' matched 0 of its \d+ tensors in this Flux model"):
-        ml("engine").build_engine(models["flux"], rows, "test")
+    with pytest.raises(ml("core.errors").LoraFileError, match=r"test: LoRA 'eq_sdxl_kohya_1.safetensors' matched 0 of its \d+ tensors in this Flux model"):
+        ml("host.engine").build_engine(models["flux"], rows, "test")

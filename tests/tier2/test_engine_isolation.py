@@ -19,7 +19,7 @@ def setup(comfy_state, ml):
     patcher = tiny_models.build_tiny("sd15", seed=0)
     names = lora_files.write_lora_set(patcher, comfy_state["loras_dir"], "iso", (11, 12))
     folder_paths.filename_list_cache.clear()
-    rows = [ml("stack").LoraRow(name=n, strength_model=s) for n, s in zip(names, (0.7, 0.9))]
+    rows = [ml("core.stack").LoraRow(name=n, strength_model=s) for n, s in zip(names, (0.7, 0.9))]
     return patcher, names, rows
 
 
@@ -37,8 +37,8 @@ def hooks_left(patcher):
 def test_sampling_with_engine_equals_merged_loras_and_leaves_model_clean(ml, setup):
     patcher, names, rows = setup
     fresh = sample(patcher)
-    engine = ml("engine").build_engine(patcher, rows, "test")
-    on_the_fly = sample(ml("engine").clone_with_engine(patcher, engine))
+    engine = ml("host.engine").build_engine(patcher, rows, "test")
+    on_the_fly = sample(ml("host.engine").clone_with_engine(patcher, engine))
     merged = patcher
     for row in rows:
         tensors = comfy.utils.load_torch_file(folder_paths.get_full_path("loras", row.name), safe_load=True)
@@ -70,8 +70,8 @@ class Fault:
 def test_cancel_or_exception_mid_run_leaves_nothing_patched(ml, setup, error):
     patcher, names, rows = setup
     fresh = sample(patcher)
-    engine = ml("engine").build_engine(patcher, rows, "test")
-    clone = ml("engine").clone_with_engine(patcher, engine)
+    engine = ml("host.engine").build_engine(patcher, rows, "test")
+    clone = ml("host.engine").clone_with_engine(patcher, engine)
     fault = Fault(error, at_call=3)
     clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test.fault", fault)
     with pytest.raises(type(error)):
@@ -81,19 +81,19 @@ def test_cancel_or_exception_mid_run_leaves_nothing_patched(ml, setup, error):
     assert hooks_left(patcher) == 0 and patcher.wrappers == {}
     torch.testing.assert_close(sample(patcher), fresh, atol=0, rtol=0)
     # and the next run with the engine works again
-    again = sample(ml("engine").clone_with_engine(patcher, engine))
+    again = sample(ml("host.engine").clone_with_engine(patcher, engine))
     assert (again - fresh).abs().max() > 1e-2
 
 
 def test_merged_fast_path_equals_hook_path_and_restores_weights(ml, setup):
     patcher, names, rows = setup
     before = {k: v.clone() for k, v in patcher.model.state_dict().items()}
-    engine = ml("engine").build_engine(patcher, rows, "test")
-    fast = sample(ml("engine").clone_with_engine(patcher, engine))
+    engine = ml("host.engine").build_engine(patcher, rows, "test")
+    fast = sample(ml("host.engine").clone_with_engine(patcher, engine))
     assert engine.merges >= 1
-    slow_engine = ml("engine").build_engine(patcher, rows, "test")
+    slow_engine = ml("host.engine").build_engine(patcher, rows, "test")
     slow_engine.merge_uniform = False
-    slow = sample(ml("engine").clone_with_engine(patcher, slow_engine))
+    slow = sample(ml("host.engine").clone_with_engine(patcher, slow_engine))
     assert slow_engine.merges == 0
     torch.testing.assert_close(fast, slow, atol=1e-3, rtol=1e-3)
     after = patcher.model.state_dict()

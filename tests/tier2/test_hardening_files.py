@@ -32,7 +32,7 @@ from support.hardening import (NODE_NAMES, RUN_TOL, base_sample, errors, fails_b
 
 
 def test_missing_file_through_the_engine_and_a_sampler_node(w, ml, errors):
-    lf = ml("lora_files")
+    lf = ml("host.lora_files")
     with pytest.raises(errors.LoraFileError, match=r"^My Node: LoRA file 'gone\.safetensors' was not found in the loras "
                                                    r"folder\. Check the name or refresh"):
         lf.resolve_lora_path("gone.safetensors", "My Node")
@@ -62,7 +62,7 @@ def test_damaged_safetensors_is_a_clear_error(w, ml, errors, damage):
         f.write(data)
     with pytest.raises(errors.LoraFileError, match=rf"^X: LoRA file '{name}' could not be read \(.*\)\. The file is "
                                                    "damaged or incomplete; download it again"):
-        ml("lora_files").read_lora_file(w.path(name), "X")
+        ml("host.lora_files").read_lora_file(w.path(name), "X")
     fails_before_sampling(w, "composite", errors.LoraFileError,
                           rf"KSampler \(LoRA Composite\): LoRA file '{name}' could not be read", stack=w.stack([name]))
 
@@ -88,7 +88,7 @@ def test_pickled_lora_is_refused_and_never_unpickled(w, ml, errors, tmp_path, ex
         expected = (rf"'{re.escape(name)}' is not a \.safetensors file\. Pickled LoRA files are refused because "
                     r"loading them can run code; use the \.safetensors version of this LoRA\.")
     with pytest.raises(errors.LoraFileError, match=expected):
-        ml("lora_files").read_lora_file(w.path(name), "X")
+        ml("host.lora_files").read_lora_file(w.path(name), "X")
     if ext in (".ckpt", ".pt"):  # listed by ComfyUI, so reachable from the stack node
         assert name in folder_paths.get_filename_list("loras")
     for method in ("switch", "cmlora", "clora"):
@@ -190,7 +190,7 @@ def test_lora_for_another_family_is_an_error_naming_the_family(w, ml, errors):
     name = w.scratch("hard_flux.safetensors")
     lora_files.write_lora(tiny_models.build_tiny("flux"), w.path(name), "kohya", seed=7)
     refresh()
-    count = len(ml("lora_files").read_lora_file(w.path(name)))
+    count = len(ml("host.lora_files").read_lora_file(w.path(name)))
     for method in ("switch", "composite", "cmlora"):
         fails_before_sampling(w, method, errors.LoraFileError,
                               rf"^{re.escape(NODE_NAMES[method])}: LoRA 'hard_flux\.safetensors' matched 0 of its {count} "
@@ -241,7 +241,7 @@ def test_alpha_without_factors(w, errors, caplog):
 def test_no_alpha_means_alpha_equals_rank_like_core(w, ml):
     """Factors without .alpha (a common export): scale 1, exactly as ComfyUI's own LoraLoader merges them. On a
     model of its own: core's merge leaves its parameters with requires_grad=False, which World.assert_clean flags."""
-    s, engine = ml("stack"), ml("engine")
+    s, engine = ml("core.stack"), ml("host.engine")
     model = tiny_models.build_tiny("sd15", seed=0)
     no_alpha = w.put("hard_no_alpha.safetensors", {k: v for k, v in w.spec.state_dict.items() if not k.endswith(".alpha")})
     with_alpha = w.put("hard_with_alpha.safetensors", w.spec.state_dict)  # alpha 2, rank 4: scale 0.5

@@ -91,7 +91,7 @@ def test_sampling_shapes_and_settings(w, ml, method, case):
         torch.testing.assert_close(out[..., :4], source[..., :4], atol=1e-4, rtol=1e-4)
         assert (out[..., 4:] - source[..., 4:]).abs().max() > 1e-2
     if case == "steps_below_switch_every" and method == "switch":  # only the first LoRA is ever active
-        first = ml("stack").LoraStack(w.stack().rows[:1])
+        first = ml("core.stack").LoraStack(w.stack().rows[:1])
         torch.testing.assert_close(out, samples_of(w, method, stack=first, **kw), atol=RUN_TOL, rtol=RUN_TOL)
     if case == "cfg1" and method != "clora":  # ComfyUI skips the uncond pass: same result as computing it
         full = w.model.clone()

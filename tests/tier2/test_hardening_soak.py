@@ -118,7 +118,7 @@ def _live_tensors(lf) -> int:
 
 
 def test_fifty_queued_prompts_alternating_methods_are_reproducible_and_flat(w, ml, monkeypatch):
-    lf = ml("lora_files")
+    lf = ml("host.lora_files")
     monkeypatch.setattr(lf, "CACHE_ENTRIES", CACHE_BOUND)
     files = list(w.good)
     for seed in (501, 502, 503):
@@ -169,7 +169,7 @@ def test_fifty_queued_prompts_alternating_methods_are_reproducible_and_flat(w, m
 
 
 def test_file_replaced_on_disk_is_read_again(w, ml):
-    lf = ml("lora_files")
+    lf = ml("host.lora_files")
     name = w.scratch("hard_replaced.safetensors")
     lora_files.write_lora(w.model, w.path(name), "kohya", seed=601)
     refresh()

@@ -29,7 +29,7 @@ from support.hardening import (CFG, METHODS, NODE_NAMES, RUN_TOL, UNICODE_NAME, 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_empty_and_all_off_stacks(w, ml, errors, method):
-    s = ml("stack")
+    s = ml("core.stack")
     node = re.escape(NODE_NAMES[method])
     fails_before_sampling(w, method, errors.StackError, rf"^{node}: the LoRA stack is empty\. Connect a LoRA Stack",
                           stack=s.LoraStack(()))
@@ -39,7 +39,7 @@ def test_empty_and_all_off_stacks(w, ml, errors, method):
 
 
 def test_other_nodes_on_empty_stacks(w, ml, errors):
-    s = ml("stack")
+    s = ml("core.stack")
     empty = s.LoraStack(())
     with pytest.raises(errors.StackError, match=r"^LoRA Switch: the LoRA stack is empty"):
         nodes.NODE_CLASS_MAPPINGS["MultiLoRASwitch"].execute(model=w.model, lora_stack=empty, switch_every=2)
@@ -89,7 +89,7 @@ def test_stack_node_rejects_nan_strength_through_the_executor(w, field):
 
 
 def test_clora_with_one_concept_row(w, ml, errors):
-    s = ml("stack")
+    s = ml("core.stack")
     one = s.LoraStack((s.LoraRow(w.good[0], concept="cat"),))
     fails_before_sampling(w, "clora", errors.StackError, r"^KSampler \(CLoRA\): needs at least 2 enabled LoRAs, the "
                           r"stack has 1\. Add or enable rows\.", stack=one)
@@ -127,15 +127,15 @@ def test_seventeen_rows_from_two_chained_stack_nodes_through_the_executor(w, ml)
     for label in ("many_comp", "many_sw", "many_cml"):
         out = CAPTURED[label]["samples"]
         assert out.shape == (1, 4, 8, 8) and torch.isfinite(out).all()
-    reference = ml("methods").composite_model(w.model, stack.active(), None, "t")
+    reference = ml("methods.switch_composite").composite_model(w.model, stack.active(), None, "t")
     torch.testing.assert_close(CAPTURED["many_comp"]["samples"], sample(reference, steps=2), atol=RUN_TOL, rtol=RUN_TOL)
-    assert len(ml("lora_files")._cache) <= ml("lora_files").CACHE_ENTRIES
+    assert len(ml("host.lora_files")._cache) <= ml("host.lora_files").CACHE_ENTRIES
     w.assert_clean()
 
 
 @pytest.mark.parametrize("method", ["switch", "composite", "cmlora"])
 def test_strengths_zero_negative_and_huge(w, ml, method):
-    s = ml("stack")
+    s = ml("core.stack")
     rows = lambda *st: s.LoraStack(tuple(s.LoraRow(n, v, category=c) for n, v, c in
                                          zip(w.good, st, ("character", "background", "style"))))
     no_cache = dict(cache=False) if method == "cmlora" else {}  # the cache's stale deep features are not exact
@@ -152,7 +152,7 @@ def test_strengths_zero_negative_and_huge(w, ml, method):
 
 
 def test_stack_strength_weighting_with_all_zero_strengths_names_the_input(w, ml, errors):
-    s = ml("stack")
+    s = ml("core.stack")
     zero = s.LoraStack(tuple(s.LoraRow(n, 0.0) for n in w.good[:2]))
     fails_before_sampling(w, "composite", errors.StackError, r"^KSampler \(LoRA Composite\): weighting 'stack strengths' "
                           r"needs a non-zero model strength on at least one enabled row, but every strength is 0\. Set a "
@@ -165,7 +165,7 @@ def test_stack_strength_weighting_with_all_zero_strengths_names_the_input(w, ml,
 @pytest.mark.parametrize("method", ["switch", "composite", "cmlora"])
 def test_one_row_is_that_lora_alone(w, ml, method):
     """Documented fallback: a one-row stack samples exactly like that LoRA applied alone (CMLoRA: weight 1)."""
-    s, engine = ml("stack"), ml("engine")
+    s, engine = ml("core.stack"), ml("host.engine")
     row = s.LoraRow(w.good[1], 0.9, category="background")
     alone = sample(engine.clone_with_engine(w.model, engine.build_engine(w.model, (row,), "t")))
     exact = dict(cache=False) if method == "cmlora" else {}  # the cache reuses stale deep features by design
@@ -197,7 +197,7 @@ def test_unicode_and_spaces_in_file_names_and_concept_words(w, ml):
     assert [r.concept_words() for r in CAPTURED["uni_stack"].rows] == [("café",), ("petit chien",)]  # a 2-word concept
     assert torch.isfinite(CAPTURED["uni_sw"]["samples"]).all() and torch.isfinite(CAPTURED["uni_cl"]["samples"]).all()
     assert CAPTURED["uni_masks"].shape == (2, 64, 64)
-    assert ml("lora_files").resolve_lora_path(UNICODE_NAME).endswith(UNICODE_NAME)
+    assert ml("host.lora_files").resolve_lora_path(UNICODE_NAME).endswith(UNICODE_NAME)
     w.assert_clean()
 
 
@@ -205,10 +205,10 @@ def test_duplicated_lora_in_the_stack(w, ml):
     """Observed and asserted: a row repeated in the stack is kept as two LoRAs. On the fly (all rows at once)
     that is the strength doubled; Switch/Composite/CMLoRA treat the copies as two equal members, so
     [A, A] samples like [A] alone and [A, A, B] gives A twice B's weight."""
-    s = ml("stack")
+    s = ml("core.stack")
     name = w.good[0]
     rows = lambda *strengths: tuple(s.LoraRow(name, st) for st in strengths)
-    engine = ml("engine")
+    engine = ml("host.engine")
     twice = engine.clone_with_engine(w.model, engine.build_engine(w.model, rows(0.5, 0.5), "t"))
     double = engine.clone_with_engine(w.model, engine.build_engine(w.model, rows(1.0), "t"))
     torch.testing.assert_close(base_sample(twice), base_sample(double), atol=RUN_TOL, rtol=RUN_TOL)
@@ -220,6 +220,6 @@ def test_duplicated_lora_in_the_stack(w, ml):
         torch.testing.assert_close(pair, single, atol=RUN_TOL, rtol=RUN_TOL)
     a, b = s.LoraRow(name, 0.8), s.LoraRow(w.good[1], 0.8)
     abb = samples_of(w, "composite", stack=s.LoraStack((a, a, b)))
-    two_to_one = ml("methods").composite_model(w.model, (a, b), [2.0, 1.0], "t")
+    two_to_one = ml("methods.switch_composite").composite_model(w.model, (a, b), [2.0, 1.0], "t")
     torch.testing.assert_close(abb, sample(two_to_one), atol=RUN_TOL, rtol=RUN_TOL)
     assert (abb - samples_of(w, "composite", stack=s.LoraStack((a, b)))).abs().max() > 1e-3  # 2:1, not 1:1

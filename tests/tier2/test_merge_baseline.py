@@ -20,7 +20,7 @@ def setup(comfy_state, ml):
                               clip=clip if fmt == "kohya" else None)
         names.append(name)
     folder_paths.filename_list_cache.clear()
-    stack_mod = ml("stack")
+    stack_mod = ml("core.stack")
     rows = (stack_mod.LoraRow(names[0], 0.8, 0.6), stack_mod.LoraRow(names[1], -0.5, 1.0),
             stack_mod.LoraRow(names[2], 1.2, 1.0), stack_mod.LoraRow(names[0], 1.0, 1.0, enabled=False))
     return model, clip, names, stack_mod.LoraStack(rows)

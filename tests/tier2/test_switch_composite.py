@@ -30,7 +30,7 @@ def world(comfy_state, ml):
 
 
 def stack_of(ml, names, strengths=(0.9, 1.1, 0.7)):
-    s = ml("stack")
+    s = ml("core.stack")
     return s.LoraStack(tuple(s.LoraRow(n, st) for n, st in zip(names, strengths)))
 
 
@@ -60,7 +60,7 @@ def node_out(result):
 def test_composite_with_one_lora_equals_loraloader_ksampler(ml, world, kind, sampler):
     model, names = world[kind]
     stack = stack_of(ml, names[:1])
-    composite = ml("methods").composite_model(model, stack.active(), None, "test")
+    composite = ml("methods.switch_composite").composite_model(model, stack.active(), None, "test")
     reference = run(merged(model, names[0], 0.9), kind, sampler)
     torch.testing.assert_close(run(composite, kind, sampler), reference, atol=1e-3, rtol=1e-3)
     assert (reference - run(model, kind, sampler)).abs().max() > 1e-2
@@ -71,7 +71,7 @@ def test_composite_with_one_lora_equals_loraloader_ksampler(ml, world, kind, sam
 def test_composite_fused_prediction_is_mean_of_merged_predictions_every_step(ml, world, k, batch, size):
     model, names = world["sd15"]
     stack = stack_of(ml, names[:k])
-    composite = ml("methods").composite_model(model, stack.active(), None, "test")
+    composite = ml("methods.switch_composite").composite_model(model, stack.active(), None, "test")
     seen = []
     run(composite, "sd15", batch=batch, size=size, callback=lambda i, den, x, n: seen.append((i, den.clone(), x.clone())))
     sigmas = comfy.samplers.KSampler(model, 6, "cpu", "euler", "normal", 1.0).sigmas
@@ -94,7 +94,7 @@ def test_composite_fused_prediction_is_mean_of_merged_predictions_every_step(ml,
 
 def test_composite_batches_all_branches_in_one_unet_call(ml, world):
     model, names = world["sd15"]
-    composite = ml("methods").composite_model(model, stack_of(ml, names).active(), None, "test")
+    composite = ml("methods.switch_composite").composite_model(model, stack_of(ml, names).active(), None, "test")
     batches = []
 
     def count(executor, x, *args, **kwargs):
@@ -118,7 +118,7 @@ def test_composite_guider_with_sampler_custom_advanced(ml, world):
     latent = torch.zeros(1, 4, 8, 8)
     noise = comfy.sample.prepare_noise(latent, 3)
     got = guider.sample(noise, latent, comfy.samplers.sampler_object("euler"), sigmas, seed=3, disable_pbar=True)
-    composite = ml("methods").composite_model(model, stack.active(), None, "test")
+    composite = ml("methods.switch_composite").composite_model(model, stack.active(), None, "test")
     torch.testing.assert_close(got, run(composite, "sd15"), atol=1e-5, rtol=1e-5)
 
 
@@ -132,7 +132,7 @@ def test_composite_sampler_node_matches_patch_and_keeps_inputs(ml, world):
     out = node_out(node.execute(model=model, lora_stack=stack, seed=3, steps=6, cfg=CFG, sampler_name="euler",
                                 scheduler="normal", positive=positive, negative=negative, latent_image=latent,
                                 denoise=1.0))
-    composite = ml("methods").composite_model(model, stack.active(), None, "test")
+    composite = ml("methods.switch_composite").composite_model(model, stack.active(), None, "test")
     torch.testing.assert_close(out, run(composite, "sd15"), atol=1e-5, rtol=1e-5)
     assert torch.count_nonzero(latent["samples"]) == 0 and model.wrappers == {}
 
@@ -152,7 +152,7 @@ def expected_step(sigma, schedule):
     ("euler", 7, 1.0, 3), ("heun", 7, 1.0, 2), ("dpm_2", 5, 1.0, 2), ("dpmpp_2m", 9, 0.6, 4), ("euler", 4, 1.0, 5)])
 def test_switch_active_lora_follows_floor_i_over_tau_mod_k(ml, world, sampler, steps, denoise, tau):
     model, names = world["sd15"]
-    switch = ml("methods").switch_model(model, stack_of(ml, names).active(), tau, "test")
+    switch = ml("methods.switch_composite").switch_model(model, stack_of(ml, names).active(), tau, "test")
     engine = switch.wrappers[comfy.patcher_extension.WrappersMP.APPLY_MODEL]["multilora.onthefly"][0].__self__
     log = []
 
@@ -171,7 +171,7 @@ def test_switch_active_lora_follows_floor_i_over_tau_mod_k(ml, world, sampler, s
 
 def test_switch_with_one_lora_equals_loraloader_ksampler(ml, world):
     model, names = world["sdxl"]
-    switch = ml("methods").switch_model(model, stack_of(ml, names[:1]).active(), 5, "test")
+    switch = ml("methods.switch_composite").switch_model(model, stack_of(ml, names[:1]).active(), 5, "test")
     torch.testing.assert_close(run(switch, "sdxl"), run(merged(model, names[0], 0.9), "sdxl"), atol=1e-3, rtol=1e-3)
 
 
@@ -193,9 +193,9 @@ def test_switch_sampler_node_and_model_patch_agree(ml, world):
 # --- errors -------------------------------------------------------------------------------------------
 def test_clear_errors(ml, world, caplog):
     model, names = world["sd15"]
-    s = ml("stack")
-    errors = ml("errors")
-    methods = ml("methods")
+    s = ml("core.stack")
+    errors = ml("core.errors")
+    methods = ml("methods.switch_composite")
     switch_node = nodes.NODE_CLASS_MAPPINGS["MultiLoRASwitch"]
     with pytest.raises(errors.StackError, match="LoRA Switch: the LoRA stack is empty"):
         switch_node.execute(model=model, lora_stack=s.LoraStack(()), switch_every=5)
@@ -216,6 +216,6 @@ def test_clear_errors(ml, world, caplog):
 def test_sequential_branches_equal_batched_branches(ml, world):
     model, names = world["sd15"]
     rows = stack_of(ml, names).active()
-    batched = run(ml("methods").composite_model(model, rows, None, "test"), "sd15", steps=4)
-    sequential = run(ml("methods").composite_model(model, rows, None, "test", batched=False), "sd15", steps=4)
+    batched = run(ml("methods.switch_composite").composite_model(model, rows, None, "test"), "sd15", steps=4)
+    sequential = run(ml("methods.switch_composite").composite_model(model, rows, None, "test", batched=False), "sd15", steps=4)
     torch.testing.assert_close(sequential, batched, atol=1e-3, rtol=1e-3)  # batch size changes BLAS blocking

@@ -78,8 +78,8 @@ def test_engine_with_a_testbed_lora_equals_comfy_merge(ml, tb, trained):
     world = tb[2]
     model, clip = trained
     folder_paths.add_model_folder_path("loras", os.path.join(WEIGHTS, "loras"))
-    rows = (ml("stack").LoraRow("testbed_object.safetensors", 1.0),)
-    engine = ml("engine")
+    rows = (ml("core.stack").LoraRow("testbed_object.safetensors", 1.0),)
+    engine = ml("host.engine")
     ours = engine.clone_with_engine(model, engine.build_engine(model, rows, "test"))
     sd = comfy.utils.load_torch_file(os.path.join(WEIGHTS, "loras", "testbed_object.safetensors"), safe_load=True)
     merged, _ = comfy.sd.load_lora_for_models(model, None, sd, 1.0, 0.0)

@@ -12,12 +12,12 @@ from typing import Mapping, Sequence
 
 import comfy.patcher_extension
 
-from .cmlora_schedule import cmlora_plan
-from .engine import build_engine
-from .feature_cache import FeatureCache, plan_lookup
-from .methods import COMPOSITE_KEY, CompositeBranches
-from .routing import sample_sigmas_of_call, sigma_of_call, step_index
-from .stack import LoraRow
+from ..core.cmlora_schedule import cmlora_plan
+from ..host.engine import build_engine
+from ..host.feature_cache import FeatureCache, plan_lookup
+from ..methods.switch_composite import COMPOSITE_KEY, CompositeBranches
+from ..core.routing import sample_sigmas_of_call, sigma_of_call, step_index
+from ..core.stack import LoraRow
 
 CACHE_KEY = "multilora.feature_cache"
 

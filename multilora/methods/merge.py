@@ -10,9 +10,9 @@ from typing import Sequence
 
 import comfy.sd
 
-from .lora_bank import TEXT_ENCODER_PREFIXES, loader_errors
-from .lora_files import read_lora_file, resolve_lora_path
-from .stack import LoraRow
+from ..host.lora_bank import TEXT_ENCODER_PREFIXES, loader_errors
+from ..host.lora_files import read_lora_file, resolve_lora_path
+from ..core.stack import LoraRow
 
 
 def merge_rows(model, clip, rows: Sequence[LoraRow], node: str):

@@ -14,11 +14,11 @@ from typing import Sequence
 import comfy.patcher_extension
 import comfy.samplers
 
-from .engine import build_engine
-from .fusion import expand_conds, fuse_branches, normalized_weights
-from .onthefly import ROUTING_KEY, OnTheFlyLoras
-from .routing import ByCondIndex, SameForAll, SwitchRouting, one_hot
-from .stack import LoraRow
+from ..host.engine import build_engine
+from ..core.fusion import expand_conds, fuse_branches, normalized_weights
+from ..host.onthefly import ROUTING_KEY, OnTheFlyLoras
+from ..core.routing import ByCondIndex, SameForAll, SwitchRouting, one_hot
+from ..core.stack import LoraRow
 
 COMPOSITE_KEY = "multilora.composite"
 

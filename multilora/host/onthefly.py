@@ -27,10 +27,10 @@ import torch
 import comfy.patcher_extension
 import comfy.utils
 
-from .comfy_compat import weight_streamed
-from .cuda_graphs import GraphedUNet
-from .lowrank import LayerDeltas, apply_layer_deltas, merge_groups, merged_delta, merged_group_weights
-from .routing import Routing, SameForAll
+from ..host.comfy_compat import weight_streamed
+from ..host.cuda_graphs import GraphedUNet
+from ..core.lowrank import LayerDeltas, apply_layer_deltas, merge_groups, merged_delta, merged_group_weights
+from ..core.routing import Routing, SameForAll
 
 log = logging.getLogger("multilora")
 

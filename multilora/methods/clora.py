@@ -30,19 +30,19 @@ import comfy.sample
 import comfy.samplers
 import comfy.utils
 
-from .attention_capture import (ConceptAttention, CrossAttentionRequired, StopAfterCapture, capture_level, capture_size,
+from ..host.attention_capture import (ConceptAttention, CrossAttentionRequired, StopAfterCapture, capture_level, capture_size,
                                 cross_attention_levels, cross_attention_sites, install_capture)
-from .clora_masks import check_threshold, fuse_with_masks, masks_from_maps
-from .comfy_compat import weight_streamed
-from .contrastive import concept_contrastive_loss, normalize_maps
-from .engine import build_engine
-from .feature_cache import CheckpointedUNet
-from .merge import merge_rows
-from .prompt_tokens import concept_positions, decorate_prompt
-from .errors import MultiLoRAError
-from .onthefly import ROUTING_KEY, OnTheFlyLoras
-from .routing import ByCondIndex, sample_sigmas_of_call, sigma_of_call, step_index
-from .stack import LoraRow
+from ..core.clora_masks import check_threshold, fuse_with_masks, masks_from_maps
+from ..host.comfy_compat import weight_streamed
+from ..core.contrastive import concept_contrastive_loss, normalize_maps
+from ..host.engine import build_engine
+from ..host.feature_cache import CheckpointedUNet
+from ..methods.merge import merge_rows
+from ..core.prompt_tokens import concept_positions, decorate_prompt
+from ..core.errors import MultiLoRAError
+from ..host.onthefly import ROUTING_KEY, OnTheFlyLoras
+from ..core.routing import ByCondIndex, sample_sigmas_of_call, sigma_of_call, step_index
+from ..core.stack import LoraRow
 
 NODE = "CLoRA"
 CHECKPOINT_KEY = "multilora.gradient_checkpointing"

@@ -22,8 +22,8 @@ import torch.utils.checkpoint
 
 from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, forward_timestep_embed, timestep_embedding
 
-from .onthefly import OnTheFlyLoras
-from .routing import sample_sigmas_of_call, sigma_of_call, step_index
+from ..host.onthefly import OnTheFlyLoras
+from ..core.routing import sample_sigmas_of_call, sigma_of_call, step_index
 
 UNSUPPORTED_PATCHES = ("emb_patch", "input_block_patch", "input_block_patch_after_skip", "output_block_patch")
 

@@ -27,7 +27,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .contrastive import normalize_maps
+from ..core.contrastive import normalize_maps
 
 # Distinct colours for the first masks (Tableau 10); more are spread over hues by the golden angle.
 _PALETTE: tuple[tuple[float, float, float], ...] = (

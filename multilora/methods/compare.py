@@ -14,13 +14,13 @@ from PIL import Image, ImageDraw
 
 import comfy.model_management
 
-from .clora import CloraSettings, clora_sample, encode
-from .cmlora import cmlora_model
-from .errors import MultiLoRAError
-from .ksampler import ksample
-from .merge import merge_rows
-from .methods import composite_model, switch_model
-from .stack import LoraRow
+from ..methods.clora import CloraSettings, clora_sample, encode
+from ..methods.cmlora import cmlora_model
+from ..core.errors import MultiLoRAError
+from ..host.ksampler import ksample
+from ..methods.merge import merge_rows
+from ..methods.switch_composite import composite_model, switch_model
+from ..core.stack import LoraRow
 
 METHODS = ("Merge", "LoRA Switch", "LoRA Composite", "CLoRA", "CMLoRA")
 

@@ -18,7 +18,7 @@ import torch
 
 import comfy.ldm.modules.attention as comfy_attention
 
-from .errors import MultiLoRAError
+from ..core.errors import MultiLoRAError
 
 
 class CrossAttentionRequired(MultiLoRAError):

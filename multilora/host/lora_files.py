@@ -18,7 +18,7 @@ import torch
 import comfy.utils
 import folder_paths
 
-from .errors import LoraFileError
+from ..core.errors import LoraFileError
 
 log = logging.getLogger("multilora")
 

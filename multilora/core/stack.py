@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
-from .errors import StackError
+from ..core.errors import StackError
 
 CATEGORIES: tuple[str, ...] = ("character", "clothing", "style", "background", "object", "other")
 NO_LORA = "None"

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from .errors import MultiLoRAError
+from ..core.errors import MultiLoRAError
 
 HIGH_RADIUS_FRACTION = 0.2
 

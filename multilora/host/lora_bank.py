@@ -22,8 +22,8 @@ import comfy.lora_convert
 import comfy.utils
 import comfy.weight_adapter
 
-from .errors import LoraFileError, UnsupportedAdapterError
-from .lowrank import (CONV, GROUP_NORM, LAYER_NORM, LINEAR, DensePart, LayerDeltas, LayerSpec,
+from ..core.errors import LoraFileError, UnsupportedAdapterError
+from ..core.lowrank import (CONV, GROUP_NORM, LAYER_NORM, LINEAR, DensePart, LayerDeltas, LayerSpec,
                       LowRankPart, fuse_layer)
 
 log = logging.getLogger("multilora")

@@ -29,7 +29,7 @@ from __future__ import annotations
 import re
 from typing import Any, Callable, Mapping, Sequence
 
-from .errors import ConceptNotFoundError, MultiLoRAError
+from ..core.errors import ConceptNotFoundError, MultiLoRAError
 
 BOS_ID = 49406
 EOS_ID = 49407
