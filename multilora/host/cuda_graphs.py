@@ -76,10 +76,16 @@ class _Entry:
 
 
 class GraphedUNet:
-    """The DIFFUSION_MODEL wrapper (see the module docstring). ``engine`` is the run's OnTheFlyLoras."""
+    """The DIFFUSION_MODEL wrapper (see the module docstring).
 
-    def __init__(self, engine, backend=None):
-        self.engine = engine
+    ``stage_rows(device, dtype)`` puts the current routing weights into static device buffers before a
+    capture or replay; ``routing_key()`` names the routing that a captured graph has baked in. The run's
+    engine passes both, so this module knows nothing else of it."""
+
+    def __init__(self, stage_rows: Callable[[torch.device, torch.dtype], None], routing_key: Callable[[], tuple],
+                 backend=None):
+        self.stage_rows = stage_rows
+        self.routing_key = routing_key
         self.backend = backend or CudaBackend()
         self.enabled = graphs_enabled_by_env()
         self.entries: dict[tuple, _Entry] = {}
@@ -135,7 +141,7 @@ class GraphedUNet:
         without graphs (first call, refused signatures, failed captures)."""
         if key in self.refused:
             return eager()
-        self.engine.stage_rows(tensors["x"].device, tensors["x"].dtype)
+        self.stage_rows(tensors["x"].device, tensors["x"].dtype)
         entry = self.entries.setdefault(key, _Entry())
         entry.seen += 1
         if entry.graph is None and entry.seen < 2 and key not in self.warm:
@@ -192,5 +198,5 @@ class GraphedUNet:
         def body(i):
             extra = {name: t for name, t in i.items() if name not in ("x", "timesteps", "context", "y")}
             return executor(i["x"], i["timesteps"], i["context"], i["y"], None, options, **extra, **plain)
-        key = self.signature(tensors, "unet", tuple(sorted(plain.items())), self.engine.graph_routing_key())
+        key = self.signature(tensors, "unet", tuple(sorted(plain.items())), self.routing_key())
         return self.run(key, tensors, body, eager)

@@ -46,7 +46,7 @@ def checkpointed(engine: OnTheFlyLoras | None):
     """``run_block`` under torch.utils.checkpoint: activations are recomputed in backward, with the LoRA
     routing of the forward pass restored around the recomputation (the routed context has ended by then)."""
     def run(module, h, emb, context, transformer_options, block, output_shape=None, **extra):
-        rows = engine._rows if engine is not None else None
+        rows = engine.current_rows if engine is not None else None
 
         def body(h, emb, context):
             with engine.routed(rows) if rows is not None else _null():
@@ -77,7 +77,7 @@ def split_forward(unet, x, timesteps, context, y, transformer_options: dict, dee
         hs.append(h)
     deep = cached.clone() if cached is not None else None
     if deep_rows.numel() > 0:
-        rows = engine._rows if engine is not None else None
+        rows = engine.current_rows if engine is not None else None
         cpu_index = deep_rows_cpu if deep_rows_cpu is not None else deep_rows.cpu()
         routed = engine.routed_subset(cpu_index, deep_rows) if rows is not None else _null()
         with routed:

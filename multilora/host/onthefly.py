@@ -63,7 +63,7 @@ class OnTheFlyLoras:
         self._merge_groups: dict = {}  # device -> (MergeGroup list, per-layer paths): factors stacked once
         self._grouped: tuple[list, list[str]] | None = None  # this run's groups with their W₀ backups
         self._layer_set_ids: dict[frozenset[str], int] = {}
-        self.graphs = GraphedUNet(self)
+        self.graphs = GraphedUNet(self.stage_rows, self.graph_routing_key)
 
     # --- routing state for the current model call ---------------------------------------------------
     def row_weights_for(self, chunk_weights: Sequence[Sequence[float]], batch: int) -> torch.Tensor:
@@ -86,6 +86,23 @@ class OnTheFlyLoras:
             yield
         finally:
             self._rows, self._active, self._rows_cast, self._masks = previous
+
+    @property
+    def current_rows(self) -> torch.Tensor | None:
+        """The [B, k] routing weights of the model call in progress (None outside one)."""
+        return self._rows
+
+    @contextlib.contextmanager
+    def hooks_only(self) -> Iterator[None]:
+        """The engine on its hooks alone inside the block: W₀ back in the targeted weights and no merging, so
+        nothing writes weights that a gradient pass shares."""
+        previous = self.merge_uniform
+        self.restore_weights()
+        self.merge_uniform = False
+        try:
+            yield
+        finally:
+            self.merge_uniform = previous
 
     def _rows_on(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         key = (device, dtype)

@@ -154,7 +154,7 @@ def gradient_ready(diffusion_model: torch.nn.Module, share_weights: bool = True,
     ``share_weights``: every plain inference-tensor parameter is swapped for a normal tensor over the same
     memory, so ops keep their plain forward and nothing is copied. The aliases have no version counter link
     to the weights: the caller must keep everything from writing the weights until backward is done (see
-    ``unmerged``). Parameters that cannot be aliased (tensor subclasses) and, with ``share_weights=False``,
+    ``OnTheFlyLoras.hooks_only``). Parameters that cannot be aliased (tensor subclasses) and, with ``share_weights=False``,
     all of them get per-forward copies instead (an identity weight/bias function forces ComfyUI's cast path
     to copy). Layers whose weights ComfyUI casts per call (lowvram offload, 0.33's dynamic VRAM) get a cloning
     function: their cast lands in a buffer the next layer reuses, and backward needs the weight it saw.
@@ -202,20 +202,6 @@ def gradient_ready(diffusion_model: torch.nn.Module, share_weights: bool = True,
         with torch.inference_mode():
             for p in frozen:
                 p.requires_grad_(True)
-
-
-@contextlib.contextmanager
-def unmerged(engine: OnTheFlyLoras):
-    """The engine on its hooks alone inside the block: W₀ back in the targeted weights and no merging, so
-    nothing writes the weights that a gradient pass shares (CLoRA's calls mix variants and use the hooks
-    anyway; a call split off by a low-memory batch stays on the hooks too instead of merging)."""
-    previous = engine.merge_uniform
-    engine.restore_weights()
-    engine.merge_uniform = False
-    try:
-        yield
-    finally:
-        engine.merge_uniform = previous
 
 
 class CloraGuider(comfy.samplers.CFGGuider):
@@ -314,7 +300,7 @@ class CloraGuider(comfy.samplers.CFGGuider):
         if self._in_gradient_pass:
             yield
             return
-        with torch.inference_mode(False), torch.enable_grad(), unmerged(self.engine), \
+        with torch.inference_mode(False), torch.enable_grad(), self.engine.hooks_only(), \
                 gradient_ready(self.model_patcher.model.diffusion_model, aliases=self._aliases):
             self._in_gradient_pass = True
             try:

@@ -169,7 +169,7 @@ def test_cancel_during_capture_propagates_and_leaves_nothing(ml, world):
     before = {k: v.clone() for k, v in model.model.state_dict().items()}
     with pytest.raises(comfy.model_management.InterruptProcessingException):
         run(clone, "sd15")
-    assert wrapper.entries == {} and wrapper.engine._staged == {}
+    assert wrapper.entries == {} and wrapper.stage_rows.__self__._staged == {}
     for name, module in model.model.named_modules():
         assert not module._forward_hooks, name
     assert all(torch.equal(before[k], v) for k, v in model.model.state_dict().items())
@@ -181,7 +181,7 @@ def test_graphs_and_buffers_are_dropped_when_the_run_ends(ml, world):
     backend = ReplayByRerun()
     wrapper = with_backend(clone, backend)
     run(clone, "sd15")
-    assert wrapper.entries == {} and wrapper.engine._staged == {} and backend.resets >= 1
+    assert wrapper.entries == {} and wrapper.stage_rows.__self__._staged == {} and backend.resets >= 1
     replays = wrapper.replays
     run(clone, "sd15")  # a second run captures afresh, on its first call: the signature is warm
     assert backend.captures == 2 and wrapper.replays - replays == STEPS
