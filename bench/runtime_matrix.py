@@ -60,7 +60,8 @@ def worker(config: str, kind: str, work: str, steps: int, k: int, reserve_gb: fl
     options = {"dtype": torch.float8_e4m3fn} if config.startswith("fp8") else {}
     patcher = comfy.sd.load_diffusion_model(os.path.join(work, f"{kind}_unet.safetensors"), model_options=options)
     names = sorted(os.listdir(os.path.join(work, "loras")))[:k]
-    stack, engine_mod, methods_mod, cmlora, clora = (ml(n) for n in ("stack", "engine", "methods", "cmlora", "clora"))
+    stack, engine_mod, methods_mod, cmlora, clora = (ml(n) for n in ("core.stack", "host.engine", "methods.switch_composite",
+                                                                     "methods.cmlora", "methods.clora"))
     categories = ("character", "style", "clothing", "background")
     rows = tuple(stack.LoraRow(n, 0.8, category=categories[i % 4], concept=f"w{i}") for i, n in enumerate(names))
     size = 64 if kind == "sd15" else 128
