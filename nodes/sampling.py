@@ -5,13 +5,18 @@ import comfy.samplers
 from comfy_api.latest import io
 
 from ..multilora.core.errors import StackError
+from ..multilora.core.routing import SWITCH_PAPER, SWITCH_SCHEDULES
 from ..multilora.methods.switch_composite import CompositeGuider, composite_model, switch_model
 from ..multilora.host.ksampler import ksample
 from ..multilora.core.stack import require_active
+from .checks import checked
 from .types import LoraStackType
 
 STACK_TIP = "The LoRAs to compose (enabled rows, in order), from a LoRA Stack node."
 SWITCH_TIP = "τ: the active LoRA changes every τ steps (active = ⌊step/τ⌋ mod k). The paper's default is 5."
+SCHEDULE_TIP = ("When the active LoRA changes. '⌊i/τ⌋ mod k' (default, the paper's rule): every LoRA runs τ steps. "
+                "'as the authors' code': the released code switches after step i when i > 0 and i mod τ = 0, so "
+                "the first LoRA runs τ + 1 steps and the others τ.")
 WEIGHTING_TIP = ("How branch predictions are averaged: 'uniform' (the paper) or 'stack strengths' "
                  "(weights ∝ |model strength| of each row; each LoRA still runs at its own strength).")
 
@@ -45,6 +50,11 @@ def switch_input() -> io.Input:
     return io.Int.Input("switch_every", default=5, min=1, max=10000, tooltip=SWITCH_TIP)
 
 
+def schedule_input() -> io.Input:
+    return io.Combo.Input("schedule", options=list(SWITCH_SCHEDULES), default=SWITCH_PAPER, optional=True,
+                          tooltip=SCHEDULE_TIP)
+
+
 def weighting_input() -> io.Input:
     return io.Combo.Input("weighting", options=["uniform", "stack strengths"], default="uniform", tooltip=WEIGHTING_TIP)
 
@@ -68,14 +78,15 @@ class LoraSwitchModel(io.ComfyNode):
             description="LoRA Switch (Zhong et al. 2024) as a model patch: one LoRA of the stack is active per "
                         "step, cycling every τ steps. Use with any sampler node (KSampler, SamplerCustomAdvanced).",
             inputs=[io.Model.Input("model", tooltip="The model to patch (a patched copy is returned)."),
-                    LoraStackType.Input("lora_stack", tooltip=STACK_TIP), switch_input()],
+                    LoraStackType.Input("lora_stack", tooltip=STACK_TIP), switch_input(), schedule_input()],
             outputs=[io.Model.Output(tooltip="The model with LoRA Switch applied during sampling.")],
         )
 
     @classmethod
-    def execute(cls, model, lora_stack, switch_every: int) -> io.NodeOutput:
+    @checked
+    def execute(cls, model, lora_stack, switch_every: int, schedule: str = SWITCH_PAPER) -> io.NodeOutput:
         rows = require_active(lora_stack, "LoRA Switch")
-        return io.NodeOutput(switch_model(model, rows, switch_every, "LoRA Switch"))
+        return io.NodeOutput(switch_model(model, rows, switch_every, "LoRA Switch", schedule))
 
 
 class LoraSwitchSampler(io.ComfyNode):
@@ -85,15 +96,16 @@ class LoraSwitchSampler(io.ComfyNode):
             node_id="MultiLoRASwitchSampler", display_name="KSampler (LoRA Switch)", category="multilora/sampling",
             description="KSampler with LoRA Switch (Zhong et al. 2024): one LoRA active per step, cycling every "
                         "τ steps in stack order. Same cost as one LoRA.",
-            inputs=stack_sampler_inputs(switch_input()),
+            inputs=stack_sampler_inputs(switch_input(), schedule_input()),
             outputs=[io.Latent.Output(tooltip="The denoised latent.")],
         )
 
     @classmethod
+    @checked
     def execute(cls, model, lora_stack, seed, steps, cfg, sampler_name, scheduler, positive, negative,
-                latent_image, denoise, switch_every) -> io.NodeOutput:
+                latent_image, denoise, switch_every, schedule=SWITCH_PAPER) -> io.NodeOutput:
         rows = require_active(lora_stack, "KSampler (LoRA Switch)")
-        patched = switch_model(model, rows, switch_every, "KSampler (LoRA Switch)")
+        patched = switch_model(model, rows, switch_every, "KSampler (LoRA Switch)", schedule)
         return io.NodeOutput(ksample(patched, seed, steps, cfg, sampler_name, scheduler, positive, negative,
                                      latent_image, denoise))
 
@@ -111,6 +123,7 @@ class LoraCompositeSampler(io.ComfyNode):
         )
 
     @classmethod
+    @checked
     def execute(cls, model, lora_stack, seed, steps, cfg, sampler_name, scheduler, positive, negative,
                 latent_image, denoise, weighting="uniform") -> io.NodeOutput:
         node = "KSampler (LoRA Composite)"
@@ -138,6 +151,7 @@ class LoraCompositeGuider(io.ComfyNode):
         )
 
     @classmethod
+    @checked
     def execute(cls, model, lora_stack, positive, negative, cfg, weighting="uniform") -> io.NodeOutput:
         node = "LoRA Composite Guider"
         rows = require_active(lora_stack, node)

@@ -5,8 +5,10 @@ number ``cond_or_uncond[c]`` of the list the guider handed to ``calc_cond_batch`
 chunk to a weight per LoRA (0 = off), so one UNet call can evaluate several branches, each with its own
 LoRA set: branch rows get Σ_i w_i·s_i·(α_i/r_i)·B_i(A_i x) added at every LoRA-targeted layer.
 
-Also the step rule shared by the step-dependent methods (SPEC §0): the step index of an evaluation at
-noise level σ is floor-mapped into the run's sigma list, i(σ) = max{j : σ_j ≥ σ}, clipped to the last step.
+Also the step rule shared by the step-dependent methods: the step index of an evaluation at noise level σ
+is floor-mapped into the run's sigma list, i(σ) = max{j : σ_j ≥ σ}, clipped to the last step; and LoRA
+Switch's schedule (Zhong et al. 2024, arXiv 2402.16843): active = ⌊i/τ⌋ mod k, or the released code's
+⌊max(i − 1, 0)/τ⌋ mod k (its first LoRA runs τ + 1 steps), τ ≥ 1.
 Pure module: no ComfyUI imports.
 """
 from __future__ import annotations
@@ -29,11 +31,24 @@ def step_index(sigma: float, sample_sigmas: Sequence[float], rel_tol: float = 1e
     return min(index, steps - 1)
 
 
-def switch_active_index(step: int, every: int, count: int) -> int:
-    """LoRA Switch (Zhong et al. 2024): active LoRA at step i is ⌊i/τ⌋ mod k."""
+SWITCH_PAPER = "⌊i/τ⌋ mod k"
+SWITCH_AUTHORS = "as the authors' code"
+SWITCH_SCHEDULES = (SWITCH_PAPER, SWITCH_AUTHORS)
+
+
+def switch_active_index(step: int, every: int, count: int, schedule: str = SWITCH_PAPER) -> int:
+    """LoRA Switch (Zhong et al. 2024): the active LoRA at step i.
+
+    ``SWITCH_PAPER``: ⌊i/τ⌋ mod k, every LoRA τ steps. ``SWITCH_AUTHORS``: the released code switches after
+    step i when i > 0 and i mod τ = 0, so LoRA 0 runs steps 0..τ (τ + 1 steps) and the active LoRA is
+    ⌊max(i − 1, 0)/τ⌋ mod k (the number of switches made before step i)."""
     if every < 1:
         raise ValueError("switch_every must be >= 1")
-    return (step // every) % count
+    if schedule == SWITCH_PAPER:
+        return (step // every) % count
+    if schedule == SWITCH_AUTHORS:
+        return (max(step - 1, 0) // every) % count
+    raise ValueError(f"switch schedule must be one of {list(SWITCH_SCHEDULES)}, got {schedule!r}")
 
 
 def one_hot(index: int, count: int, value: float = 1.0) -> Weights:
@@ -94,17 +109,18 @@ def sample_sigmas_of_call(transformer_options: Mapping) -> list[float] | None:
 
 @dataclass(frozen=True)
 class SwitchRouting:
-    """LoRA Switch: every chunk gets only LoRA ⌊i/τ⌋ mod k, i = step index of the call (SPEC §1)."""
+    """LoRA Switch: every chunk gets only the LoRA ``switch_active_index`` picks for the call's step i."""
 
     count: int
     every: int
     stable: bool = True  # one LoRA for τ steps: worth merging into the weights
+    schedule: str = SWITCH_PAPER
 
     def active_for(self, transformer_options: Mapping) -> int:
         sigma = sigma_of_call(transformer_options)
         schedule = sample_sigmas_of_call(transformer_options)
         step = 0 if sigma is None or schedule is None else step_index(sigma, schedule)
-        return switch_active_index(step, self.every, self.count)
+        return switch_active_index(step, self.every, self.count, self.schedule)
 
     def chunk_weights(self, cond_or_uncond: Sequence[int], transformer_options: Mapping) -> list[Weights]:
         weights = one_hot(self.active_for(transformer_options), self.count)

@@ -1,8 +1,9 @@
 """LoRA Switch and LoRA Composite on the on-the-fly engine (Zhong et al. 2024, arXiv 2402.16843).
 
-- Switch (SPEC §1): the engine's default routing activates only LoRA ⌊i/τ⌋ mod k at step i (every
-  chunk of the call), so any sampler node samples it; weights never change.
-- Composite (SPEC §2): a keyed CALC_COND_BATCH wrapper turns the guider's m conds into m·k branches
+- Switch: the engine's default routing activates only LoRA ⌊i/τ⌋ mod k at step i (every chunk of the
+  call; or the released code's schedule, ``core.routing.switch_active_index``), so any sampler node samples
+  it; weights never change.
+- Composite: a keyed CALC_COND_BATCH wrapper turns the guider's m conds into m·k branches
   (cond j with only LoRA i), hands them to ComfyUI's own ``calc_cond_batch`` in one list so they batch
   into as few UNet calls as its memory check allows, and returns Σ_i w_i·branch_{j,i} per cond.
 Host module.
@@ -17,17 +18,21 @@ import comfy.samplers
 from ..host.engine import build_engine
 from ..core.fusion import expand_conds, fuse_branches, normalized_weights
 from ..host.onthefly import ROUTING_KEY, OnTheFlyLoras
-from ..core.routing import ByCondIndex, SameForAll, SwitchRouting, one_hot
+from ..core.errors import MultiLoRAError
+from ..core.routing import SWITCH_PAPER, SWITCH_SCHEDULES, ByCondIndex, SameForAll, SwitchRouting, one_hot
 from ..core.stack import LoraRow
 
 COMPOSITE_KEY = "multilora.composite"
 
 
-def switch_model(model, rows: Sequence[LoraRow], switch_every: int, node: str):
-    """A clone of ``model`` that applies only LoRA ⌊i/τ⌋ mod k at step i."""
+def switch_model(model, rows: Sequence[LoraRow], switch_every: int, node: str, schedule: str = SWITCH_PAPER):
+    """A clone of ``model`` that applies only LoRA ``switch_active_index(i, τ, k, schedule)`` at step i."""
     if int(switch_every) < 1:
-        raise ValueError(f"{node}: 'switch_every' must be at least 1 (got {switch_every}).")
-    engine = build_engine(model, rows, node, SwitchRouting(len(rows), int(switch_every)))
+        raise MultiLoRAError(f"{node}: 'switch_every' must be at least 1 (got {switch_every}).")
+    if schedule not in SWITCH_SCHEDULES:
+        raise MultiLoRAError(f"{node}: 'schedule' must be one of {', '.join(repr(s) for s in SWITCH_SCHEDULES)} "
+                             f"(got {schedule!r}). Pick one of these.")
+    engine = build_engine(model, rows, node, SwitchRouting(len(rows), int(switch_every), schedule=schedule))
     clone = model.clone()
     engine.install(clone)
     return clone

@@ -148,6 +148,45 @@ def expected_step(sigma, schedule):
     return best
 
 
+def log_active_loras(switch):
+    """Wrap ``switch``'s model calls: a list that fills with (σ, schedule, active LoRAs) per call."""
+    engine = switch.wrappers[comfy.patcher_extension.WrappersMP.APPLY_MODEL]["multilora.onthefly"][0].__self__
+    log = []
+
+    def record(executor, x, t, *args, **kwargs):
+        options = args[3] if len(args) > 3 else kwargs["transformer_options"]
+        log.append((float(t[0]), [float(s) for s in options["sample_sigmas"]], sorted(engine.active_loras())))
+        return executor(x, t, *args, **kwargs)
+
+    switch.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test.record", record)
+    return log
+
+
+@pytest.mark.parametrize("sampler,steps,tau", [("euler", 7, 3), ("heun", 7, 2), ("euler", 6, 1)])
+def test_switch_as_the_authors_code_gives_the_first_lora_tau_plus_one_steps(ml, world, sampler, steps, tau):
+    """schedule "as the authors' code": switch after step i when i > 0 and i % τ == 0 (written as that loop)."""
+    model, names = world["sd15"]
+    methods = ml("methods.switch_composite")
+    authors = ml("core.routing").SWITCH_AUTHORS
+    switch = methods.switch_model(model, stack_of(ml, names).active(), tau, "test", authors)
+    log = log_active_loras(switch)
+    run(switch, "sd15", sampler=sampler, steps=steps)
+    expected, active = [], 0
+    for i in range(steps):
+        expected.append(active)
+        if i > 0 and i % tau == 0:
+            active = (active + 1) % 3
+    for sigma, schedule, loras in log:
+        assert loras == [expected[expected_step(sigma, schedule)]], (sigma, schedule)
+    node = nodes.NODE_CLASS_MAPPINGS["MultiLoRASwitch"]
+    patched = node.execute(model=model, lora_stack=stack_of(ml, names), switch_every=tau, schedule=authors).result[0]
+    torch.testing.assert_close(run(patched, "sd15", sampler=sampler, steps=steps),
+                               run(methods.switch_model(model, stack_of(ml, names).active(), tau, "test", authors),
+                                   "sd15", sampler=sampler, steps=steps), atol=0, rtol=0)
+    with pytest.raises(ml("core.errors").MultiLoRAError, match=r"^LoRA Switch: 'schedule' must be one of "):
+        node.execute(model=model, lora_stack=stack_of(ml, names), switch_every=tau, schedule="paper")
+
+
 @pytest.mark.parametrize("sampler,steps,denoise,tau", [
     ("euler", 7, 1.0, 3), ("heun", 7, 1.0, 2), ("dpm_2", 5, 1.0, 2), ("dpmpp_2m", 9, 0.6, 4), ("euler", 4, 1.0, 5)])
 def test_switch_active_lora_follows_floor_i_over_tau_mod_k(ml, world, sampler, steps, denoise, tau):
