@@ -15,6 +15,8 @@
     UNet features), ``ksampler`` (a KSampler call with a given guider/model).
 ``methods/`` — the composition methods, built on the two layers above:
     ``merge`` (ComfyUI's own merged LoRAs, the baseline), ``switch_composite`` (LoRA Switch and LoRA
-    Composite), ``cmlora`` (CMLoRA), ``clora`` (CLoRA), ``compare`` (every method on one seed).
+    Composite), ``cmlora`` (CMLoRA), ``clora`` (CLoRA's guider and entry point), ``clora_settings`` (its
+    settings, variants and record), ``clora_prompts`` (prompt variants), ``clora_sampler`` (the latent
+    update's sampler), ``clora_gradient`` (autograd under inference mode), ``compare`` (every method on one seed).
 Node classes live in the pack's top-level ``nodes/`` package and only delegate to this package.
 """

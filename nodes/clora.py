@@ -6,12 +6,19 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..multilora.methods.clora import CloraSettings, clora_sample
+from ..multilora.methods.clora_settings import (ATTENTION_HALVES, HALVES_COND, MASK_SOURCES, MASK_UNION, VARIANT_NAMES,
+                                                VARIANT_PACK)
 from ..multilora.core.clora_masks import check_threshold, maps_at_step, masks_from_maps, overlay
 from ..multilora.core.stack import require_active
 from .sampling import STACK_TIP, ksampler_inputs
+from .checks import checked
 from .types import AttentionMapsType, LoraStackType
 
 NODE = "CLoRA"
+VARIANT_TIP = ("Which CLoRA: 'pack' (default) or 'authors' code' (the authors' released SD1.5 pipeline: each "
+               "LoRA's mask from its own prompt variant, no second UNet pass after an update, attention maps "
+               "averaged over the cond and uncond halves); 'custom' takes the three inputs below.")
+CUSTOM = " Used only when variant is 'custom'."
 
 
 class CloraSampler(io.ComfyNode):
@@ -47,6 +54,19 @@ class CloraSampler(io.ComfyNode):
                 io.Boolean.Input("gradient_checkpointing", default=False, optional=True,
                                  tooltip="Recompute UNet activations in the latent update instead of storing "
                                          "them: much less memory (SDXL), about one extra forward pass of time."),
+                io.Combo.Input("variant", options=list(VARIANT_NAMES), default=VARIANT_PACK, optional=True,
+                               tooltip=VARIANT_TIP),
+                io.Combo.Input("mask_source", options=list(MASK_SOURCES), default=MASK_UNION, optional=True,
+                               tooltip="Which attention maps make a LoRA's mask: its concept's maps from every "
+                                       "prompt variant (pack) or only from that LoRA's own variant (authors)." + CUSTOM),
+                io.Boolean.Input("recompute_after_update", default=True, optional=True,
+                                 tooltip="After a latent update, predict again at the moved latent (pack) or keep "
+                                         "the noise predictions of the update's last pass (authors; one UNet "
+                                         "pass fewer per updated step)." + CUSTOM),
+                io.Combo.Input("attention_halves", options=list(ATTENTION_HALVES), default=HALVES_COND, optional=True,
+                               tooltip="Attention maps from the conditional half (pack) or averaged over the "
+                                       "conditional and unconditional halves at the same token positions "
+                                       "(authors)." + CUSTOM),
             ],
             outputs=[
                 io.Latent.Output(tooltip="The denoised latent."),
@@ -58,13 +78,17 @@ class CloraSampler(io.ComfyNode):
         )
 
     @classmethod
+    @checked
     def execute(cls, model, clip, lora_stack, prompt, negative_prompt, seed, steps, cfg, sampler_name, scheduler,
                 latent_image, denoise, mask_threshold=0.4, temperature=0.5, step_size=20.0, opt_until=0.5,
-                refine_iters=20, gradient_checkpointing=False) -> io.NodeOutput:
+                refine_iters=20, gradient_checkpointing=False, variant=VARIANT_PACK, mask_source=MASK_UNION,
+                recompute_after_update=True, attention_halves=HALVES_COND) -> io.NodeOutput:
         rows = require_active(lora_stack, "KSampler (CLoRA)", minimum=2)
-        settings = CloraSettings(cfg=cfg, mask_threshold=mask_threshold, temperature=temperature,
-                                 step_size=step_size, opt_until=opt_until, refine_iters=refine_iters,
-                                 gradient_checkpointing=gradient_checkpointing)
+        settings = CloraSettings.for_variant(
+            variant, "KSampler (CLoRA)", cfg=cfg, mask_threshold=mask_threshold, temperature=temperature,
+            step_size=step_size, opt_until=opt_until, refine_iters=refine_iters,
+            gradient_checkpointing=gradient_checkpointing, mask_source=mask_source,
+            recompute_after_update=recompute_after_update, attention_halves=attention_halves)
         latent, record = clora_sample(model, clip, prompt, negative_prompt, rows, seed, steps, sampler_name,
                                       scheduler, latent_image, denoise, settings)
         masks = record.final_masks.float()
@@ -95,6 +119,7 @@ class MaskPreview(io.ComfyNode):
         )
 
     @classmethod
+    @checked
     def execute(cls, attention_maps, mask_threshold, step, average_steps, image=None) -> io.NodeOutput:
         check_threshold(mask_threshold)
         maps = maps_at_step(attention_maps.steps, None if average_steps else step)

@@ -1,12 +1,12 @@
-"""Attention masks and masked fusion of CLoRA (Meral et al. 2024, arXiv 2403.19776, §3.3; SPEC §3.6-7, §5).
+"""Attention masks and masked fusion of CLoRA (Meral et al. 2024, arXiv 2403.19776, §3.3).
 
 From concept i's normalised cross-attention maps A_t (one per token t of the concept, values ≥ 0):
 
     M_i = ⋃_t [ A_t ≥ λ · max A_t ],  with max A_t > 0          λ ∈ (0, 1]
     M_i = everything                                            λ = 0
 
-nearest-resized to the latent size. The SPEC writes the strict A > λ·max A; the non-strict form only
-differs on exact ties and keeps both ends of the range meaningful: λ = 0 gives full masks (so CLoRA
+nearest-resized to the latent size. The strict A > λ·max A would differ only on exact ties; the non-strict form
+keeps both ends of the range meaningful: λ = 0 gives full masks (so CLoRA
 with λ = 0 is Composite over all variants) and λ = 1 keeps each map's arg-max instead of nothing. An
 all-zero map (max = 0) covers nothing for λ > 0.
 
@@ -16,7 +16,7 @@ Fusion of K variant predictions p_i with the base prediction p_0 (cond and uncon
     p = p_0                        elsewhere
 
 Token maps arrive from attention as [B, HW, T] in row-major order of the layer's (H, W), H rows of W.
-Also the mask preview (SPEC §5): per-step map selection and an alpha-blended colour overlay.
+Also the mask preview: per-step map selection and an alpha-blended colour overlay.
 Pure module: no ComfyUI imports.
 """
 from __future__ import annotations

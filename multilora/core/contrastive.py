@@ -10,7 +10,7 @@ apart with the NT-Xent / InfoNCE loss of SimCLR over cosine similarities:
     L       = mean of ℓ(a, b) over all ordered positive pairs (a, b)
 
 The denominator runs over every other map (positives and negatives). Groups of one map contribute no
-pair; with no positive pair at all L = 0 (still attached to the graph). τ > 0, default 0.5 (SPEC §3.4).
+pair; with no positive pair at all L = 0 (still attached to the graph). τ > 0, default 0.5 (the paper's).
 Maps are min-max normalised per map first, m ← (m − min m) / (max m − min m + ε), ε = 1e-8.
 Pure module: no ComfyUI imports.
 """

@@ -230,16 +230,16 @@ def test_user_model_untouched_after_runs_and_cancel(ml, inference_worlds, comfy_
 def test_quantized_like_parameters_fall_back_to_per_forward_copies(ml, inference_worlds, monkeypatch):
     """Parameters that cannot be aliased (tensor subclasses, e.g. quantized weights) keep the copy path, and
     the gradient is the same as with every weight aliased."""
-    clora = ml("methods.clora")
+    gradient = ml("methods.clora_gradient")
     seen = {}
-    real = clora._shares_memory
+    real = gradient._shares_memory
 
     def probe(guider, engine, x, sigmas, options):
         x0 = start_latent(x, sigmas[1])
         sigma = sigmas[1:2].expand(x.shape[0])
         seen["all"] = guider.loss_gradient(x0, sigma, options)
         with monkeypatch.context() as m:  # pretend the attention projections are not plain parameters
-            m.setattr(clora, "_shares_memory", lambda p: real(p) and p.ndim != 2)
+            m.setattr(gradient, "_shares_memory", lambda p: real(p) and p.ndim != 2)
             unet = guider.model_patcher.model.diffusion_model
             seen["copies"] = guider.loss_gradient(x0, sigma, options)
         seen["left"] = sum(len(m.weight_function) for m in unet.modules() if hasattr(m, "weight_function"))
