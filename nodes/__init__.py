@@ -5,6 +5,7 @@ from typing_extensions import override
 
 from comfy_api.latest import ComfyExtension, io
 
+from .checks import install_prompt_handler
 from .clora import NODES as CLORA_NODES
 from .cmlora import NODES as CMLORA_NODES
 from .compare import NODES as COMPARE_NODES
@@ -17,4 +18,6 @@ class MultiLoRAExtension(ComfyExtension):
 
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [LoraStackNode, ApplyLoraStack, *SAMPLING_NODES, *CLORA_NODES, *CMLORA_NODES, *COMPARE_NODES]
+        node_list = [LoraStackNode, ApplyLoraStack, *SAMPLING_NODES, *CLORA_NODES, *CMLORA_NODES, *COMPARE_NODES]
+        install_prompt_handler(node_list)
+        return node_list

@@ -9,6 +9,7 @@ from ..multilora.core.frequency_profile import check_profile_images, high_freque
 from ..multilora.host.ksampler import ksample
 from ..multilora.core.stack import LoraStack, require_active
 from .sampling import stack_sampler_inputs
+from .checks import checked
 from .types import LoraStackType
 
 ORDERINGS = ["stack categories", "profiled scores"]
@@ -39,6 +40,7 @@ class CmloraSampler(io.ComfyNode):
         )
 
     @classmethod
+    @checked
     def execute(cls, model, lora_stack, seed, steps, cfg, sampler_name, scheduler, positive, negative,
                 latent_image, denoise, cache=True, stage_switch=0.55, ordering=ORDERINGS[0]) -> io.NodeOutput:
         node = "KSampler (CMLoRA)"
@@ -64,6 +66,7 @@ class FrequencyProfile(io.ComfyNode):
         )
 
     @classmethod
+    @checked
     def execute(cls, lora_stack, images) -> io.NodeOutput:
         node = "LoRA Frequency Profile"
         active = require_active(lora_stack, node)

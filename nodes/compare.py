@@ -7,6 +7,7 @@ from ..multilora.methods.compare import METHODS, labelled_grid, results_table, r
 from ..multilora.core.errors import MultiLoRAError
 from ..multilora.core.stack import require_active
 from .sampling import STACK_TIP, ksampler_inputs, switch_input
+from .checks import checked
 from .types import LoraStackType
 
 NODE = "Compare Multi-LoRA Methods"
@@ -37,6 +38,7 @@ class CompareMethods(io.ComfyNode):
         )
 
     @classmethod
+    @checked
     def execute(cls, model, clip, vae, lora_stack, prompt, negative_prompt, seed, steps, cfg, sampler_name,
                 scheduler, latent_image, switch_every, **toggles) -> io.NodeOutput:
         rows = require_active(lora_stack, NODE)

@@ -7,32 +7,56 @@ from comfy_api.latest import io
 from ..multilora.core.errors import StackError
 from ..multilora.methods.merge import merge_rows
 from ..multilora.core.stack import CATEGORIES, MAX_ROWS, NO_LORA, LoraStack, build_row
+from .checks import checked
 from .types import LoraStackType
 
 ROW_FIELDS = ("lora", "on", "strength_model", "strength_clip", "category", "concept", "trigger")
 
 
 def row_inputs(n: int, lora_names: list[str]) -> list[io.Input]:
-    """The widgets of row ``n`` (1-based). Optional, so API prompts and JS-less UIs may omit unused rows."""
+    """The widgets of row ``n`` (1-based). Optional, so API prompts and JS-less UIs may omit unused rows.
+    Each tooltip says which methods use the field."""
     return [
         io.Combo.Input(f"lora_{n}", options=[NO_LORA] + lora_names, default=NO_LORA, optional=True,
-                       tooltip=f"Row {n}: LoRA file from the loras folder."),
-        io.Boolean.Input(f"on_{n}", default=True, optional=True, tooltip=f"Row {n}: include this LoRA (off rows are kept but ignored)."),
+                       tooltip=f"Row {n}: LoRA file from the loras folder. Used by every method."),
+        io.Boolean.Input(f"on_{n}", default=True, optional=True,
+                         tooltip=f"Row {n}: include this LoRA (off rows are kept but every method ignores them). "
+                                 "In API prompts: true/false, 0/1 or the text \"true\"/\"false\" (any case); "
+                                 "other values are refused."),
         io.Float.Input(f"strength_model_{n}", default=1.0, min=-100.0, max=100.0, step=0.01, optional=True,
-                       tooltip=f"Row {n}: strength on the diffusion model (UNet/DiT)."),
+                       tooltip=f"Row {n}: strength on the diffusion model (UNet/DiT). Used by every method: Merge "
+                               "(Apply LoRA Stack), Switch, Composite, CLoRA and CMLoRA; Composite's 'stack "
+                               "strengths' weighting also weighs the LoRAs by it."),
         io.Float.Input(f"strength_clip_{n}", default=1.0, min=-100.0, max=100.0, step=0.01, optional=True,
-                       tooltip=f"Row {n}: strength on the text encoder (used by Apply LoRA Stack and CLoRA)."),
+                       tooltip=f"Row {n}: strength on the text encoder. Used where the stack's CLIP parts are "
+                               "applied: Apply LoRA Stack (the prompts of Merge, Switch, Composite and CMLoRA "
+                               "workflows go through it), CLoRA (each prompt variant) and Compare."),
         io.Combo.Input(f"category_{n}", options=list(CATEGORIES), default="other", optional=True,
-                       tooltip=f"Row {n}: what the LoRA adds. CMLoRA orders LoRAs by it; CLoRA treats 'style' as global."),
-        io.String.Input(f"concept_{n}", default="", optional=True, tooltip=f"Row {n}: CLoRA concept word(s) of this LoRA as they "
-                        "appear in the prompt, comma-separated (e.g. 'cat')."),
-        io.String.Input(f"trigger_{n}", default="", optional=True, tooltip=f"Row {n}: trigger word(s) of the LoRA, comma-separated "
-                        "(CLoRA inserts them before the concept word)."),
+                       tooltip=f"Row {n}: what the LoRA adds. Used by CMLoRA (its schedule splits high-frequency "
+                               "from background LoRAs by it, with ordering 'stack categories') and CLoRA ('style' "
+                               "rows apply everywhere and need no concept). Merge, Switch and Composite ignore it."),
+        io.String.Input(f"concept_{n}", default="", optional=True,
+                        tooltip=f"Row {n}: concept word(s) of this LoRA as they appear in the prompt, "
+                                "comma-separated (e.g. 'cat'). Used only by CLoRA (also inside Compare); the "
+                                "other methods ignore it."),
+        io.String.Input(f"trigger_{n}", default="", optional=True,
+                        tooltip=f"Row {n}: trigger word(s) of the LoRA, comma-separated. Used only by CLoRA, which "
+                                "inserts them before the concept word in this LoRA's prompt variant; the other "
+                                "methods ignore it, so write trigger words into their prompt yourself."),
     ]
+
+
+ROW_LABELS = {f"{field}_{n}": f"row {n}: '{field}_{n}'" for n in range(1, MAX_ROWS + 1) for field in ROW_FIELDS}
+FILE_INPUTS = frozenset(f"lora_{n}" for n in range(1, MAX_ROWS + 1))
+"""Row dropdowns listing files: build_row checks the name against the loras folder, with a refresh hint."""
+UNFIT_OPTIONS = ("error", "ignore like ComfyUI")
 
 
 class LoraStackNode(io.ComfyNode):
     """A typed list of LoRAs; chain stacks through the optional input."""
+
+    INPUT_FREE = FILE_INPUTS
+    INPUT_LABELS = ROW_LABELS
 
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -56,12 +80,13 @@ class LoraStackNode(io.ComfyNode):
         )
 
     @classmethod
+    @checked
     def execute(cls, rows: int, lora_stack: LoraStack | None = None, **widgets) -> io.NodeOutput:
         available = set(folder_paths.get_filename_list("loras"))
         built = []
-        for n in range(1, int(rows) + 1):
+        for n in range(1, rows + 1):
             name = widgets.get(f"lora_{n}", NO_LORA)
-            enabled = bool(widgets.get(f"on_{n}", True))
+            enabled = widgets.get(f"on_{n}", True)
             if not enabled and (not name or name == NO_LORA):
                 continue
             built.append(build_row(
@@ -72,8 +97,6 @@ class LoraStackNode(io.ComfyNode):
             ))
         stack = LoraStack(tuple(built))
         if lora_stack is not None:
-            if not isinstance(lora_stack, LoraStack):
-                raise StackError("LoRA Stack: 'lora_stack' must come from another LoRA Stack node.")
             stack = lora_stack.chained(stack)
         return io.NodeOutput(stack)
 
@@ -95,6 +118,11 @@ class ApplyLoraStack(io.ComfyNode):
                 LoraStackType.Input("lora_stack", tooltip="The LoRAs to merge, in order."),
                 io.Model.Input("model", optional=True, tooltip="Model to merge the LoRAs into (a patched copy is returned)."),
                 io.Clip.Input("clip", optional=True, tooltip="CLIP to merge the LoRAs' text-encoder parts into."),
+                io.Combo.Input("unfit_lora", options=list(UNFIT_OPTIONS), default=UNFIT_OPTIONS[0], optional=True,
+                               tooltip="A LoRA that does not fit the model (made for another model family, or a "
+                                       "layer of the wrong shape): 'error' stops before sampling, with the message "
+                                       "the other methods give; 'ignore like ComfyUI' merges what fits and only "
+                                       "logs the rest, as core Load LoRA does."),
             ],
             outputs=[
                 io.Model.Output(tooltip="The model with the LoRAs merged (None if no model was connected)."),
@@ -103,9 +131,10 @@ class ApplyLoraStack(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, lora_stack: LoraStack, model=None, clip=None) -> io.NodeOutput:
+    @checked
+    def execute(cls, lora_stack: LoraStack, model=None, clip=None, unfit_lora: str = UNFIT_OPTIONS[0]) -> io.NodeOutput:
         if model is None and clip is None:
             raise StackError("Apply LoRA Stack: connect 'model', 'clip' or both.")
-        rows = lora_stack.active() if isinstance(lora_stack, LoraStack) else ()
-        model, clip = merge_rows(model, clip, rows, "Apply LoRA Stack")
+        model, clip = merge_rows(model, clip, lora_stack.active(), "Apply LoRA Stack",
+                                 check_fit=unfit_lora == UNFIT_OPTIONS[0])
         return io.NodeOutput(model, clip)

@@ -5,6 +5,10 @@ class MultiLoRAError(ValueError):
     """Base class: a user-facing problem with a node's input."""
 
 
+class InputError(MultiLoRAError):
+    """A node input has the wrong type, is out of range or not finite, or names no known option."""
+
+
 class StackError(MultiLoRAError):
     """A LoRA Stack row or a whole stack is unusable (missing file, empty name, nothing enabled)."""
 

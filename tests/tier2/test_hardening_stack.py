@@ -63,9 +63,11 @@ def test_stack_node_bad_rows(w, ml, errors):
         node.execute(rows=2, lora_1=w.good[0], lora_2="None")
     with pytest.raises(errors.StackError, match=r"^LoRA Stack: row 1: LoRA file 'nope\.safetensors' was not found"):
         node.execute(rows=1, lora_1="nope.safetensors")
-    with pytest.raises(errors.StackError, match=r"^LoRA Stack: row 1: category 'hero' is not one of character"):
+    with pytest.raises(errors.InputError, match=r"^LoRA Stack: row 1: 'category_1' is 'hero', which is not an option\. "
+                                                r"Pick one of: 'character', 'clothing', 'style', 'background', 'object', 'other'\.$"):
         node.execute(rows=1, lora_1=w.good[0], category_1="hero")
-    with pytest.raises(errors.StackError, match=r"^LoRA Stack: 'lora_stack' must come from another LoRA Stack node\."):
+    with pytest.raises(errors.InputError, match=r"^LoRA Stack: 'lora_stack' must come from a LoRA Stack node, got "
+                                                r"\['not', 'a', 'stack'\] \(list\)\. Connect a LoRA Stack node to it\.$"):
         node.execute(rows=1, lora_1=w.good[0], lora_stack=["not", "a", "stack"])
     stack = node.execute(rows=2, lora_1=f"  {w.good[0]}  ", lora_2="None", on_2=False).result[0]  # off + empty: skipped
     assert [r.name for r in stack.rows] == [w.good[0]]
@@ -83,8 +85,8 @@ def test_stack_node_rejects_nan_strength_through_the_executor(w, field):
     """NaN passes ComfyUI's min/max validation (every comparison is False); the stack node must refuse it."""
     prompt = {"s": {"class_type": "MultiLoRAStack", "inputs": {"rows": 1, "lora_1": w.good[0], field: float("nan")}},
               "c": capture(["s", 0], "nan_strength")}
-    with pytest.raises(PromptFailed, match=rf"LoRA Stack: row 1: '{field}' is nan, not a number\. Set a strength "
-                                           r"between -100 and 100\."):
+    with pytest.raises(PromptFailed, match=rf"LoRA Stack: row 1: '{field}' is nan, not a number\. Set a value "
+                                           r"from -100 to 100\."):
         run_prompt(prompt)
 
 
