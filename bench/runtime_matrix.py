@@ -186,6 +186,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=int, default=400, help="seconds per (config, model) process")
     parser.add_argument("--jobs", type=int, default=1,
                         help="(config, model) processes at once on the GPU; >1 makes the timings indicative only")
+    parser.add_argument("--process-per-method", action="store_true",
+                        help="one process per (config, model, method) instead of per (config, model)")
     parser.add_argument("--worker", nargs=2, metavar=("CONFIG", "MODEL"), help=argparse.SUPPRESS)
     parser.add_argument("--reserve", type=float, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -204,28 +206,34 @@ def main() -> None:
             os.replace(os.path.join(args.work, "loras-" + kind), os.path.join(work, "loras"))
     reserves = {kind: reserve_for(kind) for kind in args.models}
 
+    # One process per task: CPU threads split between the processes that run at once (oversubscribed torch
+    # threads, not the GPU, made three concurrent SDXL processes 3-4x slower).
+    threads = str(max(1, (os.cpu_count() or 1) // args.jobs))
+    env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+
     def run_one(task):
-        config, kind = task
+        config, kind, methods = task
         command = [sys.executable, os.path.abspath(__file__), "--out", args.out, "--work", args.work,
-                   "--worker", config, kind, "--steps", str(args.steps), "--k", str(args.k), "--methods", *args.methods]
+                   "--worker", config, kind, "--steps", str(args.steps), "--k", str(args.k), "--methods", *methods]
         if config.startswith("lowvram"):
             command += ["--reserve", f"{reserves[kind]:.2f}"]
         t0 = time.perf_counter()
         try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
+            done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, env=env)
             output, code = done.stdout + done.stderr, done.returncode
         except subprocess.TimeoutExpired as timeout:
             output, code = (timeout.stdout or b"").decode() + (timeout.stderr or b"").decode(), "timeout"
         found = [json.loads(line[7:]) for line in output.splitlines() if line.startswith("RESULT ")]
         if code != 0:
-            found.append({"config": config, "model": kind, "error": f"process exit {code}", "log_tail": output[-3000:]})
-        print(f"{config} {kind}: {len(found)} rows, exit {code}, {time.perf_counter() - t0:.0f}s", flush=True)
+            found.append({"config": config, "model": kind, "method": " ".join(methods), "error": f"process exit {code}", "log_tail": output[-3000:]})
+        print(f"{config} {kind} {' '.join(methods)}: {len(found)} rows, exit {code}, {time.perf_counter() - t0:.0f}s", flush=True)
         with open(os.path.join(args.out, "runtime-partial.jsonl"), "a") as f:
             for entry in found:
                 f.write(json.dumps(entry) + "\n")
         return found
 
-    tasks = [(config, kind) for kind in args.models for config in args.configs]
+    groups = [(m,) for m in args.methods] if args.process_per_method else [tuple(args.methods)]
+    tasks = [(config, kind, methods) for kind in args.models for config in args.configs for methods in groups]
     with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
         results = [entry for found in pool.map(run_one, tasks) for entry in found]
     for kind in args.models:
