@@ -78,7 +78,9 @@ SOURCES = {"MULTILORA_STACK": "a LoRA Stack node", "MULTILORA_ATTENTION": "the a
 
 
 def shown(value: Any) -> str:
-    """A value as messages show it: its repr (shortened) and its type."""
+    """A value as messages show it: its repr (shortened) and its type; a tensor by its shape."""
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {list(value.shape)}"
     text = repr(value)
     if len(text) > 60:
         text = text[:57] + "..."
@@ -163,7 +165,8 @@ def check_socket(spec: InputSpec, value: Any, node: str) -> Any:
         return value
     test = SOCKETS.get(spec.kind)
     if test is not None and not test(value):
-        source = SOURCES.get(spec.kind, f"a {spec.kind} output")
+        article = "an" if spec.kind[:1] in "AEIOU" else "a"
+        source = SOURCES.get(spec.kind, f"{article} {spec.kind} output")
         raise InputError(f"{node}: {spec.named()} must come from {source}, got {shown(value)}. Connect {source} to it.")
     return value
 
