@@ -1,7 +1,8 @@
 """Engine of the multi-LoRA composition pack, in three layers; each imports only from the layers above it.
 
 ``core/`` — pure maths (torch + stdlib, never ComfyUI):
-    ``errors`` (the pack's error types), ``stack`` (rows and their validation), ``routing`` (which LoRA
+    ``errors`` (the pack's error types), ``stack`` (rows and their validation), ``input_checks`` (every
+    node input's type, range and options, checked before a node runs), ``routing`` (which LoRA
     weights each batch chunk gets, step indices, the Switch schedule), ``lowrank`` (fused low-rank deltas
     y += B_cat·(w ⊙ A_cat·x)), ``fusion`` (Composite's weighted mean of predictions), ``prompt_tokens``
     (concept words → token positions), ``contrastive`` (CLoRA's NT-Xent loss on attention maps),

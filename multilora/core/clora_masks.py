@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.contrastive import normalize_maps
+from ..core.errors import InputError
 
 # Distinct colours for the first masks (Tableau 10); more are spread over hues by the golden angle.
 _PALETTE: tuple[tuple[float, float, float], ...] = (
@@ -41,7 +42,7 @@ def check_threshold(threshold: float) -> float:
     """λ as a float, ValueError unless 0 ≤ λ ≤ 1."""
     value = float(threshold)
     if not 0.0 <= value <= 1.0:
-        raise ValueError(f"CLoRA: mask_threshold must be in [0, 1], got {threshold}.")
+        raise InputError(f"CLoRA: mask_threshold must be in [0, 1], got {threshold}.")
     return value
 
 
@@ -129,12 +130,12 @@ def maps_at_step(per_step: Sequence[Sequence[torch.Tensor]], step: int | None) -
     """Stored per-step concept maps at one step (negative counts from the end), or averaged when None."""
     count = len(per_step)
     if count == 0:
-        raise ValueError("CLoRA Mask Preview: the run stored no attention maps (no sampling step ran, e.g. denoise 0). "
+        raise InputError("CLoRA Mask Preview: the run stored no attention maps (no sampling step ran, e.g. denoise 0). "
                          "Sample with denoise > 0.")
     if step is None:
         return [torch.stack([maps[i] for maps in per_step]).mean(dim=0) for i in range(len(per_step[0]))]
     if not -count <= step < count:
-        raise ValueError(f"CLoRA Mask Preview: step {step} is out of range, the run stored {count} steps "
+        raise InputError(f"CLoRA Mask Preview: step {step} is out of range, the run stored {count} steps "
                          f"(0 to {count - 1}). Pick a step in that range.")
     return list(per_step[step])
 

@@ -27,6 +27,8 @@ import statistics
 from dataclasses import dataclass
 from typing import Sequence
 
+from ..core.errors import InputError, StackError
+
 HIGH_FREQUENCY_CATEGORIES: tuple[str, ...] = ("character", "clothing", "style", "object")
 LOW_FREQUENCY_CATEGORIES: tuple[str, ...] = ("background",)
 # Not in the paper; treated as high frequency (see the module docstring).
@@ -55,7 +57,7 @@ def _category_is_high(category: str) -> bool:
     if name in LOW_FREQUENCY_CATEGORIES:
         return False
     known = ", ".join(HIGH_FREQUENCY_CATEGORIES + LOW_FREQUENCY_CATEGORIES + (OTHER_CATEGORY,))
-    raise ValueError(f"CMLoRA: category '{category}' is not one of {known}. Pick one of those in the LoRA Stack.")
+    raise StackError(f"CMLoRA: category '{category}' is not one of {known}. Pick one of those in the LoRA Stack.")
 
 
 def partition(categories: Sequence[str],
@@ -63,7 +65,7 @@ def partition(categories: Sequence[str],
     """Split LoRA indices into (H, L) in stack order: by score above the median if every score is set, else by category."""
     count = len(categories)
     if scores is not None and len(scores) != count:
-        raise ValueError(f"CMLoRA: {len(scores)} frequency scores for {count} LoRAs. Give one score per LoRA.")
+        raise StackError(f"CMLoRA: {len(scores)} frequency scores for {count} LoRAs. Give one score per LoRA.")
     if scores is not None and count > 0 and all(s is not None for s in scores):
         values = [float(s) for s in scores]
         median = statistics.median(values)
@@ -83,7 +85,7 @@ def refresh_steps(steps: int) -> list[int]:
       50 steps → [0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 23, 26, 29, 32, 35, 38, 41, 44, 46, 48]
     """
     if steps < 0:
-        raise ValueError(f"CMLoRA: steps must be >= 0, got {steps}.")
+        raise InputError(f"CMLoRA: steps must be >= 0, got {steps}.")
     out: list[int] = []
     i = 0
     while i < steps:
@@ -101,10 +103,10 @@ def dominant_sequence(steps: int, high: Sequence[int], low: Sequence[int],
                       switch: float = DEFAULT_SWITCH) -> list[int]:
     """Dominant LoRA per step: round-robin over H at refresh steps before switch·steps, then over L ++ H."""
     if not 0.0 <= switch <= 1.0:
-        raise ValueError(f"CMLoRA: switch fraction must be in [0, 1], got {switch}.")
+        raise InputError(f"CMLoRA: switch fraction must be in [0, 1], got {switch}.")
     high, low = list(high), list(low)
     if not high and not low:
-        raise ValueError("CMLoRA: no LoRA to make dominant; both the high and the low set are empty.")
+        raise StackError("CMLoRA: no LoRA to make dominant; both the high and the low set are empty.")
     first_stage = high or low
     second_stage = low + high
     refresh = set(refresh_steps(steps))
@@ -127,7 +129,7 @@ def dominant_sequence(steps: int, high: Sequence[int], low: Sequence[int],
 def lora_weights(count: int, dominant: int) -> list[float]:
     """CMLoRA fusion weights: dominant (k − 0.5)/(2k − 1.5), every other LoRA 1/(2k − 1.5)."""
     if count < 1:
-        raise ValueError(f"CMLoRA: needs at least 1 LoRA, got {count}.")
+        raise StackError(f"CMLoRA: needs at least 1 LoRA, got {count}.")
     if not 0 <= dominant < count:
         raise ValueError(f"CMLoRA: dominant LoRA index {dominant} is outside 0..{count - 1}.")
     if count == 1:
@@ -142,7 +144,7 @@ def cmlora_plan(steps: int, categories: Sequence[str], scores: Sequence[float | 
     """Full CMLoRA plan: partition, refresh schedule, dominant LoRA and fusion weights for every step."""
     count = len(categories)
     if count < 1:
-        raise ValueError("CMLoRA: the LoRA stack has no enabled LoRA. Enable at least one row.")
+        raise StackError("CMLoRA: the LoRA stack has no enabled LoRA. Enable at least one row.")
     high, low = partition(categories, scores)
     refresh = set(refresh_steps(steps))
     dominants = dominant_sequence(steps, high, low, switch)

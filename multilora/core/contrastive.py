@@ -21,6 +21,8 @@ from typing import Hashable, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..core.errors import InputError
+
 
 def normalize_maps(maps: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """Per-map min-max normalisation over all dims after the first ([N, H, W] or [N, HW])."""
@@ -36,7 +38,7 @@ def nt_xent_loss(maps: torch.Tensor, groups: Sequence[Hashable], temperature: fl
                  eps: float = 1e-8) -> torch.Tensor:
     """NT-Xent (SimCLR InfoNCE) over cosine similarities, mean over ordered same-group pairs a ≠ b."""
     if temperature <= 0:
-        raise ValueError(f"CLoRA: temperature must be > 0, got {temperature}.")
+        raise InputError(f"CLoRA: temperature must be > 0, got {temperature}.")
     flat = maps.flatten(1) if maps.ndim > 2 else maps
     count = flat.shape[0]
     if len(groups) != count:

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from ..core.errors import MultiLoRAError
+from ..core.errors import InputError, MultiLoRAError
 
 HIGH_RADIUS_FRACTION = 0.2
 
@@ -30,7 +30,7 @@ def _grayscale_batch(image: torch.Tensor) -> torch.Tensor:
         return image.to(torch.float64).mean(dim=-1).unsqueeze(0)
     if image.dim() == 4:
         return image.to(torch.float64).mean(dim=-1)
-    raise ValueError(f"LoRA Frequency Profile: image must be [H, W], [H, W, C] or [B, H, W, C], got shape {tuple(image.shape)}.")
+    raise InputError(f"LoRA Frequency Profile: image must be [H, W], [H, W, C] or [B, H, W, C], got shape {tuple(image.shape)}.")
 
 
 def radial_profile(gray: torch.Tensor) -> torch.Tensor:
@@ -61,7 +61,7 @@ def high_frequency_score(image: torch.Tensor) -> float:
     """High-frequency score of an image (see the module docstring); in [0, 1], batch → mean over images."""
     batch = _grayscale_batch(image)
     if batch.shape[-2] < 2 or batch.shape[-1] < 2:
-        raise ValueError(f"LoRA Frequency Profile: image must be at least 2×2 pixels, got {tuple(batch.shape[-2:])}.")
+        raise InputError(f"LoRA Frequency Profile: image must be at least 2×2 pixels, got {tuple(batch.shape[-2:])}.")
     return sum(_score_one(g) for g in batch) / batch.shape[0]
 
 

@@ -12,12 +12,14 @@ from typing import Sequence
 
 import torch
 
+from ..core.errors import InputError
+
 
 def normalized_weights(weights: Sequence[float], node: str) -> tuple[float, ...]:
     """Fusion weights scaled to sum 1; all must be ≥ 0 and at least one > 0."""
     values = [float(w) for w in weights]
     if any(w < 0 for w in values) or sum(values) <= 0:
-        raise ValueError(f"{node}: fusion weights must be >= 0 with a positive sum, got {values}.")
+        raise InputError(f"{node}: fusion weights must be >= 0 with a positive sum, got {values}.")
     total = sum(values)
     return tuple(w / total for w in values)
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Protocol, Sequence
 
+from ..core.errors import InputError
+
 Weights = tuple[float, ...]
 
 
@@ -43,12 +45,12 @@ def switch_active_index(step: int, every: int, count: int, schedule: str = SWITC
     step i when i > 0 and i mod τ = 0, so LoRA 0 runs steps 0..τ (τ + 1 steps) and the active LoRA is
     ⌊max(i − 1, 0)/τ⌋ mod k (the number of switches made before step i)."""
     if every < 1:
-        raise ValueError("switch_every must be >= 1")
+        raise InputError("switch_every must be >= 1")
     if schedule == SWITCH_PAPER:
         return (step // every) % count
     if schedule == SWITCH_AUTHORS:
         return (max(step - 1, 0) // every) % count
-    raise ValueError(f"switch schedule must be one of {list(SWITCH_SCHEDULES)}, got {schedule!r}")
+    raise InputError(f"switch schedule must be one of {list(SWITCH_SCHEDULES)}, got {schedule!r}")
 
 
 def one_hot(index: int, count: int, value: float = 1.0) -> Weights:

@@ -18,6 +18,7 @@ from ..host.feature_cache import FeatureCache, plan_lookup
 from ..methods.switch_composite import COMPOSITE_KEY, CompositeBranches
 from ..core.routing import sample_sigmas_of_call, sigma_of_call, step_index
 from ..core.stack import LoraRow
+from ..core.errors import InputError, StackError
 
 CACHE_KEY = "multilora.feature_cache"
 
@@ -60,13 +61,13 @@ class DominantWeightedBranches(CompositeBranches):
 def cmlora_model(model, rows: Sequence[LoraRow], switch: float, use_scores: bool, node: str, cache: bool = True):
     """A clone of ``model`` sampling with CMLoRA's dominant-weighted Composite, with or without the cache."""
     if not 0.0 <= switch <= 1.0:
-        raise ValueError(f"{node}: 'stage_switch' must be in [0, 1], got {switch}.")
+        raise InputError(f"{node}: 'stage_switch' must be in [0, 1], got {switch}.")
     scores = None
     if use_scores:
         scores = [row.hf_score for row in rows]
         if any(s is None for s in scores):
             missing = next(r.name for r in rows if r.hf_score is None)
-            raise ValueError(f"{node}: ordering 'profiled scores' needs a score for every row; '{missing}' has "
+            raise StackError(f"{node}: ordering 'profiled scores' needs a score for every row; '{missing}' has "
                              "none. Run the stack through 'LoRA Frequency Profile' first or order by categories.")
     engine = build_engine(model, rows, node)
     clone = model.clone()
