@@ -181,40 +181,52 @@ def _conv(spec: LayerSpec, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     return fn(x, weight, bias, spec.stride, spec.padding, spec.dilation, spec.groups)
 
 
-def _row_view(weights: torch.Tensor, ndim: int, channel_last: bool) -> torch.Tensor:
-    """Per-row weights [B] shaped to broadcast against an output of ``ndim`` dims."""
-    return weights.view((-1,) + (1,) * (ndim - 1))
+def _row_view(weights: torch.Tensor, ndim: int, per_token: bool) -> torch.Tensor:
+    """Weights of one LoRA shaped to broadcast against an output of ``ndim`` dims: per row [B], per token
+    [B, N] (token layers) or per pixel [B, h, w] (conv layers)."""
+    if per_token:
+        return weights.unsqueeze(-1)
+    if weights.ndim == 1:
+        return weights.view((-1,) + (1,) * (ndim - 1))
+    return weights.unsqueeze(1)
 
 
 def apply_layer_deltas(deltas: LayerDeltas, x: torch.Tensor, out: torch.Tensor,
                        row_weights: torch.Tensor, mask_cache: dict | None = None) -> torch.Tensor:
-    """y + routed deltas; ``row_weights`` is [B, k] (B = x.shape[0]) on x's device and dtype.
+    """y + routed deltas. ``row_weights`` is [B, k] (one weight per batch row), or per token: [B, N, k] for a
+    token layer (x [B, N, C]) or [B, k, h, w] for a conv layer (h × w = the output's size), on x's device and
+    dtype (see ``regions`` for how they are made).
 
-    ``mask_cache`` (one dict per model call) shares the [B, R] column mask between layers whose rank
-    columns belong to the same LoRAs in the same order (most layers of a stack)."""
+    ``mask_cache`` (one dict per model call) shares the column mask between layers whose rank columns belong
+    to the same LoRAs in the same order (most layers of a stack) and whose weights are the same tensor."""
     spec = deltas.spec
     down, up, column_lora, dense = deltas.cast(out.device, out.dtype)
     if x.dtype != out.dtype:
         x = x.to(out.dtype)
+    per_token = row_weights.ndim == 3
+    lora_dim = -1 if per_token else 1
     if down is not None:
-        key = (deltas.column_key, out.dtype, out.device)
+        key = (deltas.column_key, out.dtype, out.device, id(row_weights) if row_weights.ndim > 2 else None)
         mask = None if mask_cache is None else mask_cache.get(key)
         if mask is None:
-            mask = row_weights.index_select(1, column_lora)
+            mask = row_weights.index_select(lora_dim, column_lora)
             if mask_cache is not None:
                 mask_cache[key] = mask
         if spec.kind == LINEAR:
             h = F.linear(x, down)
-            h = h * mask.view((mask.shape[0],) + (1,) * (h.ndim - 2) + (mask.shape[1],))
+            if per_token:
+                h = h * mask
+            else:
+                h = h * mask.view((mask.shape[0],) + (1,) * (h.ndim - 2) + (mask.shape[1],))
             flat = h.reshape(-1, h.shape[-1])
             out = torch.addmm(out.reshape(-1, out.shape[-1]), flat, up.t()).view(out.shape)
         else:
             h = _conv(spec, x, down)
-            h = h * mask.view(mask.shape + (1,) * (h.ndim - 2))
+            h = h * (mask if mask.ndim == h.ndim else mask.view(mask.shape + (1,) * (h.ndim - 2)))
             up_kernel = up.view(up.shape + (1,) * (h.ndim - 2))
             out = out + _conv(spec, h, up_kernel, plain=True)
     for part in dense:
-        w = row_weights[:, part.lora]
+        w = row_weights[..., part.lora] if per_token else row_weights[:, part.lora]
         if spec.kind == LINEAR:
             delta = F.linear(x, part.weight) if part.weight is not None else None
             if part.bias is not None:
@@ -233,7 +245,7 @@ def apply_layer_deltas(deltas: LayerDeltas, x: torch.Tensor, out: torch.Tensor,
                 delta = F.group_norm(x, spec.num_groups, part.weight, part.bias, spec.eps)
             else:
                 delta = part.bias.view((1, -1) + (1,) * (out.ndim - 2))
-        out = out + _row_view(w, out.ndim, False) * delta
+        out = out + _row_view(w, out.ndim, per_token) * delta
     return out
 
 

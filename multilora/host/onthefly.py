@@ -63,6 +63,7 @@ class OnTheFlyLoras:
         self._merge_groups: dict = {}  # device -> (MergeGroup list, per-layer paths): factors stacked once
         self._grouped: tuple[list, list[str]] | None = None  # this run's groups with their W₀ backups
         self._layer_set_ids: dict[frozenset[str], int] = {}
+        self.token_router = None  # a TokenRouter: LoRA weights per token (regional LoRA), else per batch row
         self.graphs = GraphedUNet(self.stage_rows, self.graph_routing_key)
 
     # --- routing state for the current model call ---------------------------------------------------
@@ -130,6 +131,8 @@ class OnTheFlyLoras:
         if self._rows is None:
             return ("unrouted",)
         key = ("routed", tuple(self._rows.shape), self.hooked_layers_id(self._active))
+        if self.token_router is not None:
+            key += self.token_router.key()
         if subset is not None:
             part = self._rows[list(subset)] if len(subset) else self._rows[:0]
             active = frozenset(int(i) for i in torch.nonzero(part.abs().sum(0)).flatten().tolist())
@@ -168,6 +171,8 @@ class OnTheFlyLoras:
             if x.shape[0] != rows.shape[0]:
                 raise RuntimeError(
                     f"multilora: layer {path} got batch {x.shape[0]} but the call has {rows.shape[0]} rows")
+            if self.token_router is not None:
+                rows = self.token_router.weights(path, x, output, rows)
             return apply_layer_deltas(deltas, x, output, rows, self._masks)
         return hook
 
@@ -319,6 +324,9 @@ class OnTheFlyLoras:
         repeat = vector is not None and (vector == self._merged or vector == self._last_vector
                                          or getattr(routing, "stable", False))
         self._last_vector = vector
+        if self.token_router is not None:
+            self.token_router.begin_call(x, c_crossattn)
+            repeat = False  # weights differ per token: the hooks, never a merge
         if self.merge_uniform and repeat and self._attached and self._mergeable(base_model):
             self.merge_weights(base_model, vector)
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)

@@ -1,0 +1,199 @@
+"""Regional LoRA (per-token routing) against ComfyUI's own merged LoRAs, layer by layer, on SD1.5, SDXL and Flux.
+
+References are ComfyUI's merges (``comfy.sd.load_lora_for_models``, what LoraLoader does): LoRA a merged, LoRA b
+merged, and both merged. Regions are the left and right halves of a 16 × 16 latent, which stay exactly 0/1 on
+every token grid of the tiny models (UNet levels 16/8/4, Flux's 8 × 8 patch grid), so each token of each layer
+must equal one of the merged references exactly up to float32 reassociation (tolerance as in
+test_engine_equivalence: 1e-4 on outputs of magnitude ~1, while a LoRA shifts them by > 1e-2).
+"""
+import pytest
+import torch
+
+import comfy.sd
+import comfy.utils
+import folder_paths
+from support import lora_files, tiny_models
+
+KINDS = ("sd15", "sdxl", "flux")
+FORMAT = {"sd15": "kohya", "sdxl": "kohya", "flux": "diffusers"}
+SIZE = 16
+STRENGTHS = (0.8, 1.3)
+ATOL, RTOL = 1e-4, 1e-4
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {kind: tiny_models.build_tiny(kind, seed=0) for kind in KINDS}
+
+
+def loras(comfy_state, patcher, kind):
+    names = lora_files.write_lora_set(patcher, comfy_state["loras_dir"], f"regional_{kind}", (1, 2), FORMAT[kind])
+    folder_paths.filename_list_cache.clear()
+    return names
+
+
+def rows_of(ml, names):
+    return [ml("core.stack").LoraRow(name=n, strength_model=s) for n, s in zip(names, STRENGTHS)]
+
+
+def halves(size=SIZE):
+    left = torch.zeros(size, size)
+    left[:, : size // 2] = 1.0
+    return left, 1.0 - left
+
+
+def merged(patcher, names, strengths):
+    model = patcher
+    for name, strength in zip(names, strengths):
+        sd = comfy.utils.load_torch_file(folder_paths.get_full_path("loras", name), safe_load=True)
+        model, _ = comfy.sd.load_lora_for_models(model, None, sd, strength, 0.0)
+    return model
+
+
+def engine_of(clone, ml):
+    found = clone.wrappers["apply_model"][ml("host.onthefly").WRAPPER_KEY]
+    return found[0].__self__
+
+
+def run_wrapped(clone, engine, patcher, x, sigma, cond, inputs=None, outputs=None, paths=None):
+    """One apply_model call through the clone's wrappers (as a sampler makes it), recording each targeted
+    layer's input and final output (after the engine's hook) into the dicts given."""
+    handles = []
+    with engine.attached(patcher.model), torch.no_grad():
+        try:
+            for path in (paths or engine.layers):
+                module = comfy.utils.get_attr(patcher.model, path)
+                if inputs is not None:
+                    handles.append(module.register_forward_pre_hook(
+                        lambda m, args, p=path: inputs.__setitem__(p, args[0].detach().clone())))
+                if outputs is not None:
+                    handles.append(module.register_forward_hook(
+                        lambda m, args, out, p=path: outputs.__setitem__(p, out.detach().clone())))
+            return patcher.model.apply_model(x, sigma, transformer_options={"wrappers": clone.wrappers}, **cond)
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def layer_outputs(patcher, reference, inputs):
+    """Each targeted layer applied to its recorded input with ``reference``'s merged weights."""
+    with tiny_models.patched(reference), torch.no_grad():
+        return {p: comfy.utils.get_attr(patcher.model, p)(x) for p, x in inputs.items()}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_all_one_mask_equals_the_stack_and_comfyui_merged(comfy_state, ml, models, kind):
+    """Row a's mask is all one (from a 4 × 4 MASK, resized), row b has none: both act everywhere."""
+    patcher = models[kind]
+    names = loras(comfy_state, patcher, kind)
+    rows = rows_of(ml, names)
+    clone = ml("methods.regional").regional_model(patcher, rows, [torch.ones(4, 4), None], "test")
+    engine = engine_of(clone, ml)
+    x, sigma, cond = tiny_models.make_inputs(kind, batch=2, seed=5, size=SIZE)
+    got = run_wrapped(clone, engine, patcher, x, sigma, cond)
+    stack = ml("host.engine").build_engine(patcher, rows, "test")
+    with stack.attached(patcher.model), stack.routed(torch.ones(2, 2)):
+        want_stack = tiny_models.forward(patcher, x, sigma, **cond)
+    torch.testing.assert_close(got, want_stack, atol=1e-6, rtol=1e-6)
+    with tiny_models.patched(merged(patcher, names, STRENGTHS)):
+        want = tiny_models.forward(patcher, x, sigma, **cond)
+    assert (want - tiny_models.forward(patcher, x, sigma, **cond)).abs().max() > 1e-2
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_token_of_each_layer_gets_only_its_regions_lora(comfy_state, ml, models, kind):
+    """Left-half tokens equal LoRA a merged, right-half tokens LoRA b merged; text tokens both (every LoRA)."""
+    patcher = models[kind]
+    names = loras(comfy_state, patcher, kind)
+    rows = rows_of(ml, names)
+    clone = ml("methods.regional").regional_model(patcher, rows, list(halves()), "test")
+    engine = engine_of(clone, ml)
+    x, sigma, cond = tiny_models.make_inputs(kind, batch=2, seed=6, size=SIZE)
+    inputs, outputs = {}, {}
+    run_wrapped(clone, engine, patcher, x, sigma, cond, inputs, outputs)
+    ref_a = layer_outputs(patcher, merged(patcher, names[:1], STRENGTHS[:1]), inputs)
+    ref_b = layer_outputs(patcher, merged(patcher, names[1:], STRENGTHS[1:]), inputs)
+    ref_ab = layer_outputs(patcher, merged(patcher, names, STRENGTHS), inputs)
+    roles = engine.token_router.roles
+    text_tokens = cond["c_crossattn"].shape[1]
+    checked = {"conv": 0, "image": 0, "text": 0, "joint": 0}
+    for path, got in outputs.items():
+        a, b, ab = ref_a[path], ref_b[path], ref_ab[path]
+        if got.ndim == 2:
+            continue  # vector layers (timestep, modulation): per-row weights, covered by the stack tests
+        if roles[path] == "text":
+            torch.testing.assert_close(got, ab, atol=ATOL, rtol=RTOL, msg=path)
+            checked["text"] += 1
+            continue
+        if got.ndim == 4:
+            half = got.shape[-1] // 2
+            torch.testing.assert_close(got[..., :half], a[..., :half], atol=ATOL, rtol=RTOL, msg=path)
+            torch.testing.assert_close(got[..., half:], b[..., half:], atol=ATOL, rtol=RTOL, msg=path)
+            checked["conv"] += 1
+            continue
+        prefix = text_tokens if roles[path] == "joint" else 0
+        image = got.shape[1] - prefix
+        side = int(round(image ** 0.5))
+        assert side * side == image, path
+        left = torch.zeros(side, side, dtype=torch.bool)
+        left[:, : side // 2] = True
+        left = torch.cat([torch.zeros(prefix, dtype=torch.bool), left.flatten()])
+        if prefix:
+            torch.testing.assert_close(got[:, :prefix], ab[:, :prefix], atol=ATOL, rtol=RTOL, msg=path)
+        torch.testing.assert_close(got[:, left], a[:, left], atol=ATOL, rtol=RTOL, msg=path)
+        torch.testing.assert_close(got[:, prefix:][:, ~left[prefix:]], b[:, prefix:][:, ~left[prefix:]],
+                                   atol=ATOL, rtol=RTOL, msg=path)
+        checked["joint" if prefix else "image"] += 1
+    assert (ref_a[path] - ref_b[path]).abs().max() > 1e-3  # the two LoRAs differ on the layers compared
+    expected = {"sd15": ("conv", "image", "text"), "sdxl": ("image", "text"), "flux": ("image", "text", "joint")}
+    assert all(checked[r] > 0 for r in expected[kind]), checked
+
+
+def test_text_tokens_policy_none_leaves_regional_loras_off_the_text(comfy_state, ml, models):
+    patcher = models["flux"]
+    names = loras(comfy_state, patcher, "flux")
+    rows = rows_of(ml, names)
+    left, right = halves()
+    clone = ml("methods.regional").regional_model(patcher, rows, [left, None], "test", text_tokens="no LoRA")
+    engine = engine_of(clone, ml)
+    x, sigma, cond = tiny_models.make_inputs("flux", batch=1, seed=7, size=SIZE)
+    inputs, outputs = {}, {}
+    txt = [p for p in engine.layers if engine.token_router.roles[p] == "text"]
+    run_wrapped(clone, engine, patcher, x, sigma, cond, inputs, outputs, txt)
+    ref_b = layer_outputs(patcher, merged(patcher, names[1:], STRENGTHS[1:]), {p: inputs[p] for p in txt})
+    assert txt
+    for p in txt:  # row b has no region: it stays on the text; row a (regional) is off there
+        torch.testing.assert_close(outputs[p], ref_b[p], atol=ATOL, rtol=RTOL, msg=p)
+
+
+def test_regional_model_leaves_the_input_model_untouched(comfy_state, ml, models):
+    patcher = models["sd15"]
+    names = loras(comfy_state, patcher, "sd15")
+    before = {k: v.clone() for k, v in patcher.model.state_dict().items()}
+    wrappers = {k: dict(v) for k, v in patcher.wrappers.items()}
+    clone = ml("methods.regional").regional_model(patcher, rows_of(ml, names), list(halves()), "test")
+    engine = engine_of(clone, ml)
+    x, sigma, cond = tiny_models.make_inputs("sd15", batch=1, seed=8, size=SIZE)
+    run_wrapped(clone, engine, patcher, x, sigma, cond)
+    assert {k: dict(v) for k, v in patcher.wrappers.items()} == wrappers
+    assert all(torch.equal(before[k], v) for k, v in patcher.model.state_dict().items())
+    for name, module in patcher.model.named_modules():
+        assert not module._forward_hooks, name
+
+
+def test_bad_regions_are_named_errors(comfy_state, ml, models):
+    regional = ml("methods.regional")
+    error = ml("core.regions").RegionError
+    patcher = models["sd15"]
+    names = loras(comfy_state, patcher, "sd15")
+    rows = rows_of(ml, names)
+    with pytest.raises(error, match=r"^test: the mask of row 2 \(regional_sd15_2.safetensors\) is empty at the "
+                                    r"latent's 16×16; paint the region"):
+        regional.regional_model(patcher, rows, [torch.ones(SIZE, SIZE), torch.zeros(SIZE, SIZE)], "test")
+    with pytest.raises(error, match=r"^test: 3 masks are connected but the stack has 2 enabled rows"):
+        regional.regional_model(patcher, rows, [None, None, torch.ones(4, 4)], "test")
+    with pytest.raises(error, match=r"^test: the mask of row 1 has NaN or infinite values"):
+        regional.regional_model(patcher, rows, [torch.full((4, 4), float("nan"))], "test")
+    with pytest.raises(error, match=r"^test: the mask of row 1 has shape \(4,\); connect a MASK"):
+        regional.regional_model(patcher, rows, [torch.ones(4)], "test")
