@@ -9,6 +9,7 @@ from .checks import install_prompt_handler
 from .clora import NODES as CLORA_NODES
 from .cmlora import NODES as CMLORA_NODES
 from .compare import NODES as COMPARE_NODES
+from .regional import NODES as REGIONAL_NODES
 from .sampling import NODES as SAMPLING_NODES
 from .stack import ApplyLoraStack, LoraStackNode
 
@@ -18,6 +19,7 @@ class MultiLoRAExtension(ComfyExtension):
 
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        node_list = [LoraStackNode, ApplyLoraStack, *SAMPLING_NODES, *CLORA_NODES, *CMLORA_NODES, *COMPARE_NODES]
+        node_list = [LoraStackNode, ApplyLoraStack, *SAMPLING_NODES, *CLORA_NODES, *CMLORA_NODES, *COMPARE_NODES,
+                     *REGIONAL_NODES]
         install_prompt_handler(node_list)
         return node_list

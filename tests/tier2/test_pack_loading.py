@@ -3,7 +3,8 @@ import nodes
 
 EXPECTED_NODES = {"MultiLoRAStack", "MultiLoRAApplyStack", "MultiLoRASwitchSampler", "MultiLoRACompositeSampler",
                   "MultiLoRASwitch", "MultiLoRACompositeGuider", "MultiLoRACLoRASampler", "MultiLoRAMaskPreview",
-                  "MultiLoRACMLoRASampler", "MultiLoRAFrequencyProfile", "MultiLoRACompare"}
+                  "MultiLoRACMLoRASampler", "MultiLoRAFrequencyProfile", "MultiLoRACompare",
+                  "MultiLoRARegional", "MultiLoRARegionalSampler"}
 
 
 def test_all_node_ids_registered_without_warnings(comfy_state):
