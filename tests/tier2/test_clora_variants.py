@@ -230,3 +230,93 @@ def test_attention_halves_averages_the_cond_and_uncond_maps(ml, world):
     _, _, with_uncond = sample(ml, world, settings(ml, opt_until=0.2, attention_halves="cond and uncond"))
     _, _, cond_only = sample(ml, world, settings(ml, opt_until=0.2))
     assert abs(with_uncond.losses[0] - cond_only.losses[0]) > 1e-4
+
+
+# --- the authors' variant as a whole: one step against a hand-written reference -----------------------
+class HandAttention:
+    """attn2 replacement computing attention by hand, softmax(q·kᵀ/√d)·v, and keeping the probabilities of
+    every chunk at the captured size per cond index ([rows, heads, HW, 77] per layer call)."""
+
+    def __init__(self, size):
+        self.size, self.probs = tuple(size), {}
+
+    def __call__(self, q, k, v, extra_options):
+        heads = extra_options["n_heads"]
+        batch, _, inner = q.shape
+        d = inner // heads
+        qh, kh, vh = (t.reshape(batch, -1, heads, d).transpose(1, 2) for t in (q, k, v))
+        p = torch.softmax(qh.float() @ kh.float().transpose(-1, -2) / d ** 0.5, dim=-1)
+        if tuple(extra_options["activations_shape"][-2:]) == self.size:
+            chunks = extra_options["cond_or_uncond"]
+            rows = batch // len(chunks)
+            for c, index in enumerate(chunks):
+                self.probs.setdefault(int(index), []).append(p[c * rows:(c + 1) * rows])
+        return (p.to(vh.dtype) @ vh).transpose(1, 2).reshape(batch, -1, inner)
+
+
+def authors_reference_step(ml, guider, x, sigma, options, st):
+    """The authors' step written out: one forward of every branch with autograd; maps of variant v = mean over
+    layers, heads and both halves at v's token positions; L = Σ_images NT-Xent over the concept groups;
+    x' = x − α(1+σ²)∇L; LoRA g's mask from its own variant's maps; the forward's noise predictions kept,
+    D_i' = D_i + (x' − x); masked fusion per half, then CFG."""
+    capture = ml("host.attention_capture")
+    unet = guider.model_patcher.model.diffusion_model
+    size = capture.capture_size(*x.shape[-2:], capture.capture_level(unet))
+    hand = HandAttention(size)
+    opts = comfy.model_patcher.create_model_options_clone(options)
+    opts["transformer_options"] = dict(opts.get("transformer_options", {}))
+    opts["transformer_options"][ml("host.onthefly").ROUTING_KEY] = guider.routing
+    for block, number, index in capture.cross_attention_sites(unet):
+        opts = comfy.model_patcher.set_model_options_patch_replace(opts, hand, "attn2", block, number, index)
+    conds = [guider.conds[f"{half}{v}"] for v in range(3) for half in ("c", "u")]
+    contrastive = ml("core.contrastive").concept_contrastive_loss
+    with guider.gradient_pass():
+        latent = x.detach().clone().requires_grad_(True)
+        outs = comfy.samplers.calc_cond_batch(guider.inner_model, conds, latent, sigma.clone(), opts)
+        maps = {}
+        for v, variant in enumerate(guider.variants):
+            probs = torch.cat([torch.stack(hand.probs[2 * v]), torch.stack(hand.probs[2 * v + 1])], dim=2)
+            for g, positions in variant.groups.items():
+                a = probs.mean(dim=(0, 2))[..., positions]  # [rows, HW, T]
+                maps[v, g] = a.transpose(1, 2).reshape(x.shape[0], len(positions), *size)
+        loss = sum(contrastive([torch.cat([maps[v, g][r] for v in range(3)]) for g in range(2)], st.temperature)
+                   for r in range(x.shape[0]))
+        (grad,) = torch.autograd.grad(loss, latent)
+    moved = x - st.step_size * (1 + float(sigma[0]) ** 2) * grad
+    masks = ml("core.clora_masks").masks_from_maps([maps[g + 1, g].detach() for g in range(2)], st.mask_threshold,
+                                                   tuple(x.shape[-2:]))
+    weights = torch.cat([torch.ones_like(masks[:, :1]), masks], dim=1).float()
+    shift = moved - x
+    fuse = ml("core.clora_masks").fuse_with_masks
+    c = fuse(outs[0].detach() + shift, [outs[2 * v].detach() + shift for v in range(3)], weights)
+    u = fuse(outs[1].detach() + shift, [outs[2 * v + 1].detach() + shift for v in range(3)], weights)
+    return moved, u + st.cfg * (c - u), masks
+
+
+def test_authors_variant_reproduces_a_hand_written_step(ml, world):
+    st = ml("methods.clora").CloraSettings.for_variant("authors' code", cfg=CFG, refine_iters=0)
+    guider, record, sigmas = guider_for(ml, world, st)
+    seen = {}
+
+    def probe(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
+        options = extra_args["model_options"]
+        sigma = sigmas[1:2].expand(x.shape[0])
+        x0 = torch.randn(x.shape, generator=torch.Generator().manual_seed(0)) * float(sigmas[1])
+        seen["reference"] = authors_reference_step(ml, guider, x0, sigma, options, st)
+        moved = guider.update_latent(x0, sigma, 1, options)
+        seen["moved"], seen["denoised"] = moved, model_k(moved, sigma, **extra_args)
+        seen["masks"] = record.final_masks.clone()
+        seen["fresh"] = model_k(moved, sigma, **extra_args)  # nothing kept any more: a new UNet pass at x'
+        return x
+
+    latent = torch.zeros(2, 4, 8, 8)
+    guider.sample(comfy.sample.prepare_noise(latent, 1), latent, comfy.samplers.KSAMPLER(probe), sigmas,
+                  disable_pbar=True, seed=1)
+    moved, denoised, masks = seen["reference"]
+    assert torch.equal(seen["masks"], masks[0]) and 0 < int(masks.sum()) < masks.numel()
+    # Hand attention vs ComfyUI's SDPA, float32: 3e-6 on x' (values up to 21), 6e-5 on D (up to 29; CFG 5
+    # multiplies the branches' differences). The pack's choices move these by > 1: union masks, cond-only maps
+    # (another loss and x'), a batch-mean loss (half the step here), and a fresh UNet pass at x' (below).
+    torch.testing.assert_close(seen["moved"], moved, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(seen["denoised"], denoised, atol=3e-4, rtol=1e-4)
+    assert float((seen["fresh"].detach() - denoised).abs().max()) > 1.0
