@@ -56,8 +56,12 @@ def write_loras(patcher, count: int, folder: str, rank: int = 16) -> list[str]:
     import torch
     from safetensors.torch import save_file
     state = patcher.model.state_dict()
-    keys = [k for k in state if k.endswith(".weight") and (
-        any(f".{t}.weight" in k for t in LORA_TARGETS) and "transformer_blocks" in k or k.endswith(("proj_in.weight", "proj_out.weight")))]
+    if hasattr(patcher.model.diffusion_model, "double_blocks"):
+        keys = flux_lora_keys(state)
+    else:
+        keys = [k for k in state if k.endswith(".weight") and (
+            any(f".{t}.weight" in k for t in LORA_TARGETS) and "transformer_blocks" in k
+            or k.endswith(("proj_in.weight", "proj_out.weight")))]
     names = []
     for i in range(count):
         gen = torch.Generator().manual_seed(100 + i)
@@ -83,3 +87,48 @@ def conds(kind: str):
         return ([[torch.randn(1, 77, 768, generator=gen), {}]], [[torch.randn(1, 77, 768, generator=gen), {}]])
     extra = lambda: {"pooled_output": torch.randn(1, 1280, generator=gen), "width": 1024, "height": 1024}
     return ([[torch.randn(1, 77, 2048, generator=gen), extra()]], [[torch.randn(1, 77, 2048, generator=gen), extra()]])
+
+
+# Flux.1-dev's transformer (ComfyUI detects it from a checkpoint as this unet config).
+FLUX = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 768, "context_in_dim": 4096,
+        "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24, "depth": 19, "depth_single_blocks": 38,
+        "axes_dim": [16, 56, 56], "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True}
+FLUX_TINY = dict(FLUX, hidden_size=64, num_heads=4, depth=2, depth_single_blocks=2, axes_dim=[4, 6, 6],
+                 context_in_dim=32, vec_in_dim=16)
+FLUX_LORA_TARGETS = ("img_attn.qkv", "img_attn.proj", "txt_attn.qkv", "txt_attn.proj", "img_mlp.0", "img_mlp.2",
+                     "txt_mlp.0", "txt_mlp.2", "linear1", "linear2")
+
+
+def build_flux(tiny: bool = False):
+    """Flux.1-dev-sized (or ``tiny``) random bf16 transformer through ComfyUI's own Flux model class."""
+    import dataclasses
+    import torch
+    import comfy.ldm.flux.model
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+    config = dict(FLUX_TINY if tiny else FLUX)
+    if "txt_ids_dims" in {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}:
+        config["txt_ids_dims"] = []
+    spec = comfy.supported_models.Flux(config)
+    dtype = torch.float32 if tiny else torch.bfloat16
+    spec.set_inference_dtype(dtype, None)
+    device = comfy.model_management.get_torch_device()
+    model = spec.get_model({}, "", device=device)
+    fill_random_(model, torch.Generator(device=device).manual_seed(0))
+    model.eval()
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
+
+
+def flux_lora_keys(state) -> list[str]:
+    return [k for k in state if k.endswith(".weight") and state[k].ndim == 2
+            and ("double_blocks." in k or "single_blocks." in k) and any(f".{t}.weight" in k for t in FLUX_LORA_TARGETS)]
+
+
+def flux_conds(tiny: bool = False):
+    import torch
+    gen = torch.Generator().manual_seed(1)
+    width, pooled, tokens = (32, 16, 16) if tiny else (4096, 768, 256)
+    make = lambda: [[torch.randn(1, tokens, width, generator=gen),
+                     {"pooled_output": torch.randn(1, pooled, generator=gen), "guidance": 3.5}]]
+    return make(), make()
