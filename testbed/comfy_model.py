@@ -1,7 +1,9 @@
 """The testbed's text-to-image model as real ComfyUI objects (host module: imports comfy).
 
-* UNet: ``comfy.supported_models.SD15`` with a small config (3 levels 64/128/128 channels, one res block
-  and one transformer block per level, context 64), eps prediction, ComfyUI's SD1.5 discrete schedule.
+* UNet (v3): ``comfy.supported_models.SD15`` with a small config — 64×64 model space, 3 levels of 32/96/96
+  channels (64², 32², 16²), one res block per level, one transformer block at levels 1 and 2 and in the middle
+  (none at 64², as SD1.5 has none at its deepest level — what matters here is that the 16×16 level, latent/4 as
+  SD1.5 at 512², has cross-attention), 24-channel heads, context 64, eps prediction, ComfyUI's SD1.5 schedule.
 * Text encoder: a real ``comfy.sd.CLIP`` (SD1Tokenizer — the real CLIP BPE vocabulary — and SD1ClipModel)
   with a 2-layer, 64-wide transformer. Its token-embedding table is a fixed random table regenerated from
   ``EMBEDDING_SEED`` (never trained, so trigger words start as arbitrary vectors, as with a real CLIP that
@@ -28,13 +30,14 @@ CONTEXT_DIM = 64
 EMBEDDING_SEED = 1234
 WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
 UNET_CONFIG = {
-    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
-    "legacy": False, "adm_in_channels": None, "in_channels": 4, "model_channels": 64,
-    "num_res_blocks": [1, 1, 1], "transformer_depth": [1, 1, 1], "channel_mult": [1, 2, 2],
+    "use_checkpoint": False, "image_size": 64, "out_channels": 4, "use_spatial_transformer": True,
+    "legacy": False, "adm_in_channels": None, "in_channels": 4, "model_channels": 32,
+    "num_res_blocks": [1, 1, 1], "transformer_depth": [0, 1, 1], "channel_mult": [1, 3, 3],
     "transformer_depth_middle": 1, "use_linear_in_transformer": False, "context_dim": CONTEXT_DIM,
-    "num_heads": 4, "transformer_depth_output": [1, 1, 1, 1, 1, 1], "use_temporal_attention": False,
+    "transformer_depth_output": [0, 0, 1, 1, 1, 1], "use_temporal_attention": False,
     "use_temporal_resblock": False,
 }
+HEAD_CHANNELS = 24  # SD15's unet_extra_config forces 8 heads (12 channels at 96: no fast attention kernel)
 CLIP_CONFIG = {
     "hidden_size": CONTEXT_DIM, "intermediate_size": 4 * CONTEXT_DIM, "num_attention_heads": 4,
     "num_hidden_layers": 2, "max_position_embeddings": 77, "vocab_size": 49408, "projection_dim": CONTEXT_DIM,
@@ -61,6 +64,7 @@ def _init_(module: torch.nn.Module, seed: int) -> None:
 def build_unet(state: dict | None = None, device=None, dtype=torch.float32) -> comfy.model_patcher.ModelPatcher:
     """The testbed UNet as a ComfyUI ModelPatcher; ``state`` holds ``diffusion_model.*`` weights."""
     config = comfy.supported_models.SD15(dict(UNET_CONFIG))
+    config.unet_config["num_heads"], config.unet_config["num_head_channels"] = -1, HEAD_CHANNELS
     config.set_inference_dtype(dtype, None)
     load_device = device or comfy.model_management.get_torch_device()
     offload = comfy.model_management.unet_offload_device()
@@ -131,3 +135,12 @@ def encode_ids(clip: comfy.sd.CLIP, rows: list[list[int]]) -> torch.Tensor:
         x = x + layer.self_attn(layer.layer_norm1(x), mask, attention)
         x = x + layer.mlp(layer.layer_norm2(x))
     return text.final_layer_norm(x)
+
+
+def encode_ids_pooled(clip: comfy.sd.CLIP, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``encode_ids`` and the pooled output SD1ClipModel gives with it (the final hidden state at the first
+    end-of-text token, unprojected) — the DiT's ``y``. A test checks both equal ``clip.encode_from_tokens``."""
+    hidden = encode_ids(clip, rows)
+    ids = torch.tensor(rows, device=hidden.device)
+    eos = (ids == CLIP_CONFIG["eos_token_id"]).int().argmax(dim=-1)
+    return hidden, hidden[torch.arange(hidden.shape[0], device=hidden.device), eos]

@@ -1,6 +1,8 @@
 """Concept detector of the testbed: a small CNN with one head per scene attribute (pure torch).
 
-Heads: left ∈ LEFT_KINDS, left colour, right ∈ RIGHT_KINDS, right colour, background, vest, style. It is
+Heads: left ∈ LEFT_KINDS, left colour, right ∈ RIGHT_KINDS, right colour, background, vest ∈ VESTS, style; so it
+tells a concept from a generic member of its class (zorb vs creature, lantern vs lamp, plaid vs vest, brick vs
+wall) as well as concept present / absent (``concept_presence``) and class present (``class_presence``). It is
 trained on ground-truth renders of every combination of concepts (``world.random_scenes(any_concept=.4)``)
 with augmentations that mimic sampler output (Gaussian noise, blur, contrast jitter), and its accuracy is
 measured on fresh held-out renders. Colour heads are scored only where the slot holds a plain shape.
@@ -15,7 +17,7 @@ import torch.nn.functional as F
 import world
 
 HEADS = {"left": len(world.LEFT_KINDS), "left_colour": len(world.COLOURS), "right": len(world.RIGHT_KINDS),
-         "right_colour": len(world.COLOURS), "background": len(world.BACKGROUNDS), "vest": 2, "style": 2}
+         "right_colour": len(world.COLOURS), "background": len(world.BACKGROUNDS), "vest": len(world.VESTS), "style": 2}
 
 
 class Detector(torch.nn.Module):
@@ -23,7 +25,9 @@ class Detector(torch.nn.Module):
         super().__init__()
         self.features = torch.nn.Sequential(
             torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU(),
-            torch.nn.Conv2d(32, 64, 3, stride=2, padding=1), torch.nn.ReLU(),
+            torch.nn.Conv2d(32, 32, 3, stride=2, padding=1), torch.nn.ReLU(),  # 64 → 32
+            torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.ReLU(),
+            torch.nn.Conv2d(64, 64, 3, stride=2, padding=1), torch.nn.ReLU(),
             torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.ReLU(),
             torch.nn.Conv2d(64, 96, 3, stride=2, padding=1), torch.nn.ReLU(),
             torch.nn.Conv2d(96, 96, 3, stride=2, padding=1), torch.nn.ReLU(),  # 4×4: left/right stay apart
@@ -42,11 +46,11 @@ def labels(scenes: world.SceneBatch) -> dict[str, torch.Tensor]:
 
 
 def colour_scored(name: str, scenes: world.SceneBatch) -> torch.Tensor:
-    """Bool[B]: the head's label is meaningful (colour heads only for plain shapes)."""
+    """Bool[B]: the head's label is meaningful (colour heads only for plain shapes and generic class members)."""
     if name == "left_colour":
-        return (scenes.left >= 1) & (scenes.left <= 3)
+        return (scenes.left >= 1) & (scenes.left <= world.LEFT_KINDS.index("creature"))
     if name == "right_colour":
-        return (scenes.right >= 1) & (scenes.right <= 3)
+        return (scenes.right >= 1) & (scenes.right <= world.RIGHT_KINDS.index("lamp"))
     return torch.ones(len(scenes), dtype=torch.bool)
 
 
@@ -105,9 +109,17 @@ def predict(net: Detector, images: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def concept_presence(pred: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Bool[B] per category from head predictions."""
-    return {"character": pred["left"] == world.LEFT_KINDS.index("zorb"), "clothing": pred["vest"] == 1,
+    return {"character": pred["left"] == world.LEFT_KINDS.index("zorb"),
+            "clothing": pred["vest"] == world.VESTS.index("plaid"),
             "background": pred["background"] == world.BACKGROUND_NAMES.index("brick"),
             "object": pred["right"] == world.RIGHT_KINDS.index("lantern"), "style": pred["style"] == 1}
+
+
+def class_presence(pred: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Bool[B] per category: a member of the concept's class is drawn (generic or the concept itself)."""
+    return {"character": pred["left"] >= world.LEFT_KINDS.index("creature"), "clothing": pred["vest"] >= 1,
+            "background": pred["background"] >= world.BACKGROUND_NAMES.index("wall"),
+            "object": pred["right"] >= world.RIGHT_KINDS.index("lamp"), "style": pred["style"] == 1}
 
 
 def evaluate(net: Detector, images: torch.Tensor, scenes: world.SceneBatch) -> dict[str, float]:
@@ -126,9 +138,8 @@ def evaluate(net: Detector, images: torch.Tensor, scenes: world.SceneBatch) -> d
 def grain(images: torch.Tensor) -> torch.Tensor:
     """Per image: the median over pixels of |I − box₃(I)| (mean over RGB in [0, 1]; edge-replicated 3×3 box
     blur). Leftover sampling noise is everywhere and raises it (clean render + Gaussian noise of std 0.05:
-    ≈ 0.037); a shape's edges cover a minority of the pixels, so clean scenes of shapes, zorb or vest score 0.
-    The brick wall's mortar grid covers most pixels (clean: 0.14), so compare grain only between images that
-    draw the brick about equally often."""
+    ≈ 0.037); edges cover a minority of the pixels, so clean scenes score 0 — at 64² that includes the brick
+    and stone walls, whose 1-pixel joints are a minority too (at v2's 32² the brick's mortar grid scored 0.14)."""
     padded = torch.nn.functional.pad(images.float(), (1, 1, 1, 1), mode="replicate")
     detail = (images.float() - torch.nn.functional.avg_pool2d(padded, 3, stride=1)).abs().mean(1)
     return detail.flatten(1).median(1).values.cpu()

@@ -5,12 +5,22 @@ sys.path and booted (``testbed/evaluate.py`` boots it with ``boot.boot_comfy``; 
 suite's boot). Pack modules come through an ``ml(name)`` accessor passed by the caller, because the scripts
 and the test suite load the pack under different module names.
 
-Protocol (testbed/README.md): euler/normal, ``STEPS`` = 20, cfg ``CFG`` = 5, LoRA strength 1, one batch of
-``SEEDS`` = 4 noise samples per prompt (seed = prompt index). k ≥ 2: ComposLoRA sets (character + k−1 other
-categories); k = 1: one category alone (the reference row: how strong each LoRA is by itself).
+Protocol (testbed/README.md): euler, ``STEPS`` = 20, cfg ``CFG`` = 5, LoRA strength 1, one batch of ``SEEDS`` = 4
+noise samples per prompt (seed = prompt index); scheduler ``SCHEDULERS[arch]`` (UNet: normal, DiT: simple, each
+family's usual one). ``ctx["arch"]`` picks the testbed ("unet", the default, or "dit"). k ≥ 2: ComposLoRA sets
+(character + k−1 other categories); k = 1: one category alone (the reference row: how strong each LoRA is by
+itself), with the base model on the same prompts beside it (does the base draw the class?).
+
+Regional rows: ``regional_oracle`` feeds ``methods.regional.regional_model(model, rows, masks, node)`` the
+scene generator's ground-truth regions (``world.region_masks``, one [64, 64] mask per row at latent resolution,
+None = everywhere); ``regional_auto`` calls ``methods.regional.regional_auto_model`` with the arguments its
+signature names among (model, rows, node/node_name, clip, prompt). Both are skipped, with a note, when the pack
+has no ``methods.regional`` (``regional_available``).
 """
 from __future__ import annotations
 
+import importlib.util
+import inspect
 import itertools
 import sys
 import time
@@ -23,20 +33,29 @@ import comfy.model_management
 import comfy.sample
 import comfy.sd
 import comfy.utils
-import comfy_model
 import detector as detector_lib
 import folder_paths
+import objectives
 import world
 
 STEPS, CFG, SEEDS = 20, 5.0, 4
+SCHEDULERS = {"unet": "normal", "dit": "simple"}
 CONCEPT_WORDS = {"character": "zorb", "clothing": "plaid, vest", "background": "brick", "object": "lantern",
                  "style": ""}
-METHODS = ("merge", "switch", "composite", "cmlora", "clora")
+METHODS = ("merge", "switch", "composite", "cmlora", "clora", "regional_oracle", "regional_auto")
+REGIONAL = ("regional_oracle", "regional_auto")
+ALL_METHODS = ("base",) + METHODS
 Prompt = tuple[tuple[str, ...], str, dict]  # (categories, caption, expected plain parts: detector head → code)
 
 
-def lora_name(category: str) -> str:
-    return f"testbed_{category}.safetensors"
+def lora_name(category: str, arch: str = "unet") -> str:
+    return objectives.lora_file(arch, category)
+
+
+def regional_available(ml: Callable) -> bool:
+    """Whether the pack has the regional method (multilora/methods/regional.py)."""
+    probe = ml("methods")
+    return importlib.util.find_spec(f"{probe.__name__}.regional") is not None
 
 
 def category_sets(k: int) -> list[tuple[str, ...]]:
@@ -64,6 +83,8 @@ def composition_prompts(k: int, count: int, seed: int = 0) -> list[Prompt]:
         if "character" not in cats:
             expected["left"] = int(scenes.left[0])
             expected["left_colour"] = int(scenes.left_colour[0])
+        if "clothing" not in cats:
+            expected["vest"] = int(scenes.vest[0])
         if "object" not in cats:
             expected["right"] = int(scenes.right[0])
             expected["right_colour"] = int(scenes.right_colour[0])
@@ -73,10 +94,25 @@ def composition_prompts(k: int, count: int, seed: int = 0) -> list[Prompt]:
     return out
 
 
-def rows_for(stack, categories: Sequence[str], strength: float = 1.0) -> tuple:
+def rows_for(stack, categories: Sequence[str], strength: float = 1.0, arch: str = "unet") -> tuple:
     """LoraRows (``strength``, concept word, trigger, category) of the testbed LoRAs of ``categories``."""
-    return tuple(stack.LoraRow(lora_name(c), strength, strength, concept=CONCEPT_WORDS[c],
+    return tuple(stack.LoraRow(lora_name(c, arch), strength, strength, concept=CONCEPT_WORDS[c],
                                trigger=world.TRIGGERS[c], category=c) for c in categories)
+
+
+def _regional(ml: Callable, method: str, model, clip, rows, prompt: str, categories: Sequence[str]):
+    regional = ml("methods.regional")
+    if method == "regional_oracle":
+        return regional.regional_model(model, rows, world.region_masks(categories), "testbed")
+    auto = regional.regional_auto_model
+    offered = {"model": model, "rows": rows, "node": "testbed", "node_name": "testbed", "clip": clip,
+               "prompt": prompt}
+    return auto(**{n: offered[n] for n in inspect.signature(auto).parameters if n in offered})
+
+
+def decode(model, latent: torch.Tensor) -> torch.Tensor:
+    """LATENT samples → RGB [B,3,H,W] in [0, 1] through the model's own latent format (pixels as latents)."""
+    return world.from_latent(model.model.process_latent_in(latent.to(torch.float32).cpu()))
 
 
 def encode(clip, text: str) -> list:
@@ -85,13 +121,16 @@ def encode(clip, text: str) -> list:
 
 
 def sample(ml: Callable, method: str, model, clip, rows, prompt: str, seed: int, seeds: int = SEEDS,
-           steps: int = STEPS, switch_every: int = 5, cache: bool = True) -> torch.Tensor:
-    """LATENT samples [seeds,4,32,32] of ``method`` (or "base": no LoRA) through the pack's own engine
-    (``cache``: CMLoRA's feature cache, on as in the node's default)."""
-    latent = torch.zeros(seeds, 4, world.SIZE, world.SIZE)
+           steps: int = STEPS, switch_every: int = 5, cache: bool = True, arch: str = "unet",
+           categories: Sequence[str] = ()) -> torch.Tensor:
+    """LATENT samples [seeds,C,64,64] of ``method`` (or "base": no LoRA) through the pack's own engine
+    (``cache``: CMLoRA's feature cache, on as in the node's default; ``categories``: the rows' categories, for
+    the oracle masks)."""
+    latent = torch.zeros(seeds, objectives.channels(arch), world.SIZE, world.SIZE)
+    scheduler = SCHEDULERS[arch]
     if method == "clora":
         clora = ml("methods.clora")
-        out, _ = clora.clora_sample(model, clip, prompt, "", rows, seed, steps, "euler", "normal",
+        out, _ = clora.clora_sample(model, clip, prompt, "", rows, seed, steps, "euler", scheduler,
                                     {"samples": latent}, 1.0, clora.CloraSettings(cfg=CFG))
         return out["samples"]
     if method == "base":
@@ -107,15 +146,18 @@ def sample(ml: Callable, method: str, model, clip, rows, prompt: str, seed: int,
         patched = ml("methods.switch_composite").composite_model(model, rows, None, "testbed")
     elif method == "cmlora":
         patched = ml("methods.cmlora").cmlora_model(model, rows, 0.55, False, "testbed", cache=cache)
+    elif method in REGIONAL:
+        patched = _regional(ml, method, model, clip, rows, prompt, categories)
     else:
         raise ValueError(f"testbed: unknown method '{method}'; use one of {METHODS + ('base',)}")
     noise = comfy.sample.prepare_noise(latent, seed)
-    return comfy.sample.sample(patched, noise, steps, CFG, "euler", "normal", encode(clip, prompt), encode(clip, ""),
+    return comfy.sample.sample(patched, noise, steps, CFG, "euler", scheduler, encode(clip, prompt), encode(clip, ""),
                                latent, seed=seed, disable_pbar=True)
 
 
 def score(net, images: torch.Tensor, categories: Sequence[str], expected: dict) -> dict:
-    """Per image: presence per concept, min presence probability, all present, plain parts correct."""
+    """Per image: presence per concept, min presence probability, all present, plain parts correct, and every
+    set category's class drawn (generic member or the concept; style counts as its own class)."""
     with torch.no_grad():
         logits = net(images.to(next(net.parameters()).device))
     prob = {n: torch.softmax(v.float(), -1).cpu() for n, v in logits.items()}
@@ -128,8 +170,10 @@ def score(net, images: torch.Tensor, categories: Sequence[str], expected: dict) 
     sanity = torch.ones(images.shape[0])
     for head, value in expected.items():
         sanity = sanity * (pred[head] == value).float()
+    classes = detector_lib.class_presence(pred)
     return {"presence": per, "min_prob": torch.stack([p_concept[c] for c in categories]).min(0).values,
-            "all": torch.stack(list(per.values())).min(0).values, "sanity": sanity}
+            "all": torch.stack(list(per.values())).min(0).values, "sanity": sanity,
+            "classes": torch.stack([classes[c].float() for c in categories]).min(0).values}
 
 
 def bootstrap(per_prompt: torch.Tensor, reps: int = 2000, seed: int = 0,
@@ -144,11 +188,11 @@ def bootstrap(per_prompt: torch.Tensor, reps: int = 2000, seed: int = 0,
 
 def new_stats() -> dict[str, list]:
     """Per-prompt score lists of one (k, method): min_prob, all, sanity, has_<category> (None: not in the set)."""
-    return {"min_prob": [], "all": [], "sanity": [], **{f"has_{c}": [] for c in world.CATEGORIES}}
+    return {"min_prob": [], "all": [], "sanity": [], "classes": [], **{f"has_{c}": [] for c in world.CATEGORIES}}
 
 
 def add_scores(stats: dict[str, list], s: dict, categories: Sequence[str]) -> None:
-    for name in ("min_prob", "all", "sanity"):
+    for name in ("min_prob", "all", "sanity", "classes"):
         stats[name].append(s[name])
     for c in world.CATEGORIES:
         stats[f"has_{c}"].append(s["presence"][c] if c in categories else None)
@@ -161,8 +205,11 @@ def summarise(stats: dict[str, list]) -> dict[str, tuple[float, float, float]]:
 
 
 def methods_for(k: int, methods: Sequence[str]) -> list[str]:
-    """k = 1 is the LoRA alone: merge only (Switch and Composite of one LoRA are merge)."""
-    return ["merge"] if k == 1 else list(methods)
+    """k = 1 is the LoRA alone: merge only (Switch and Composite of one LoRA are merge), and the base model on
+    the same prompts when asked for (``base`` in ``methods``)."""
+    if k == 1:
+        return [m for m in ("base", "merge") if m in methods] or ["merge"]
+    return [m for m in methods if m != "base"]
 
 
 def run_method(method: str, k: int, prompts: Sequence[Prompt], ctx: dict, budget: float = float("inf"),
@@ -174,6 +221,7 @@ def run_method(method: str, k: int, prompts: Sequence[Prompt], ctx: dict, budget
     the last prompt's time); an exception ends this method only: printed, recorded, never raised."""
     stats, images_row = new_stats(), []
     entry = {"prompts_total": len(prompts), "prompts_covered": 0}
+    arch = ctx.get("arch", "unet")
     t0, last_s = time.perf_counter(), 0.0
     try:
         for i, (cats, prompt, expected) in enumerate(prompts):
@@ -184,15 +232,17 @@ def run_method(method: str, k: int, prompts: Sequence[Prompt], ctx: dict, budget
                       f"{budget:.0f} s)", flush=True)
                 break
             t1 = time.perf_counter()
-            rows = rows_for(ctx["ml"]("stack"), cats)
-            if method == "clora" and sum(1 for c in cats if CONCEPT_WORDS[c]) < 2:
+            rows = rows_for(ctx["ml"]("core.stack"), cats, arch=arch) if method != "base" else ()
+            if method == "clora" and (arch == "dit" or sum(1 for c in cats if CONCEPT_WORDS[c]) < 2):
                 # CLoRA contrasts ≥ 2 concept words; a style row has none (it is applied globally), so a
-                # {character, style} set is outside what CLoRA does: counted, not scored.
+                # {character, style} set is outside what CLoRA does: counted, not scored. A DiT has no
+                # cross-attention for CLoRA to read: every prompt is outside it.
                 entry["not_applicable"] = entry.get("not_applicable", 0) + 1
                 entry["prompts_covered"] = i + 1
                 continue
-            latent = sample(ctx["ml"], method, ctx["model"], ctx["clip"], rows, prompt, i, seeds, steps)
-            images = comfy_model.decode(latent)
+            latent = sample(ctx["ml"], method, ctx["model"], ctx["clip"], rows, prompt, i, seeds, steps, arch=arch,
+                            categories=cats)
+            images = decode(ctx["model"], latent)
             s = score(ctx["net"], images, cats, expected)
             add_scores(stats, s, cats)
             if i < sheet_columns:

@@ -7,11 +7,11 @@ import world
 
 
 def save_sheet(rows: list[list[torch.Tensor]], labels, path: str) -> None:
-    """Rows of RGB images [3,H,W] (one row per method; short rows padded white) → PNG, ×4 nearest upscale,
-    method names on the left."""
+    """Rows of RGB images [3,H,W] (one row per method; short rows padded white) → PNG, nearest upscale to
+    128-pixel tiles, method names on the left."""
     from PIL import Image, ImageDraw
     m, p = len(rows), max((len(r) for r in rows), default=0)
-    scale, pad = 4, 90
+    scale, pad = max(1, 128 // world.SIZE), 110
     tile = world.SIZE * scale
     sheet = Image.new("RGB", (pad + max(p, 1) * tile, max(m, 1) * tile), "white")
     draw = ImageDraw.Draw(sheet)
@@ -34,24 +34,26 @@ def method_row(method: str, e: dict) -> str:
     if e.get("stopped_early"):
         notes.append("time budget")
     if e.get("not_applicable"):
-        notes.append(f"{e['not_applicable']} prompts n/a (fewer than 2 concept words)")
+        notes.append(f"{e['not_applicable']} prompts n/a (fewer than 2 concept words, or no cross-attention)")
     if e.get("in_progress"):
         notes.append("interrupted")
     if e.get("error"):
         notes.append("error: " + e["error"].replace("|", "/")[:120])
     covered = f"{e.get('prompts_covered', '?')}/{e.get('prompts_total', '?')}"
     if "all" not in e:
-        empty = " | ".join(["—"] * 8)
+        empty = " | ".join(["—"] * 9)
         return f"| {method} | {empty} | {covered} | {e.get('seconds', '—')} | {'; '.join(notes)} |"
     per = [cell(e[f"has_{c}"]) if f"has_{c}" in e else "—" for c in world.CATEGORIES]
     return (f"| {method} | {cell(e['all'])} | {cell(e['min_prob'])} | " + " | ".join(per)
-            + f" | {cell(e['sanity'])} | {covered} | {e['seconds']} | {'; '.join(notes)} |")
+            + f" | {cell(e['classes']) if 'classes' in e else '—'} | {cell(e['sanity'])} | {covered} | {e['seconds']} | "
+            f"{'; '.join(notes)} |")
 
 
 def markdown(results: dict, methods) -> str:
     """Base caption following, then one table per k (k = 1: each LoRA alone, merge, per-category presence)."""
     b = results.get("base_caption_following")
-    lines = []
+    arch = results.get("meta", {}).get("arch")
+    lines = [f"Testbed: {arch}", ""] if arch else []
     if b and "all_attributes" in b:
         lines += [f"Base model caption following (all attributes detected): {cell(b['all_attributes'])}; "
                   f"left {cell(b['left'])}, right {cell(b['right'])}, background {cell(b['background'])}", ""]
@@ -61,7 +63,7 @@ def markdown(results: dict, methods) -> str:
         title = f"### k = {k}" + (" (each LoRA alone, merge; its category column = its concept's presence)"
                                    if k == "1" else "")
         lines += [title, "", "| method | all present | min presence prob. | character | clothing | background | "
-                  "object | style | plain parts (sanity) | prompts | s | note |", "|---" * 12 + "|"]
+                  "object | style | all classes | plain parts (sanity) | prompts | s | note |", "|---" * 13 + "|"]
         order = [m for m in methods if m in data["methods"]] + [m for m in data["methods"] if m not in methods]
         lines += [method_row(m, data["methods"][m]) for m in order]
         lines.append("")

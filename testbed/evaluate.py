@@ -1,6 +1,7 @@
-"""Composition evaluation on the trained testbed (issue 9): which method keeps every concept?
+"""Composition evaluation on the trained testbed (issues 9, 17): which method keeps every concept?
 
-    python testbed/evaluate.py --out DIR [--prompts 40] [--ks 1 2 3 4] [--methods merge switch composite cmlora clora]
+    python testbed/evaluate.py --out DIR [--arch unet|dit] [--prompts 40] [--ks 1 2 3 4]
+                               [--methods base merge switch composite cmlora clora regional_oracle regional_auto]
                                [--max-seconds S] [--total-seconds T] [--no-base]
 
 Composition sets as in ComposLoRA (Zhong et al. 2024): one character LoRA plus k−1 LoRAs of other
@@ -8,7 +9,10 @@ categories, k = 2, 3, 4; prompts are captions of random scenes holding those con
 scene — the other slot's plain shape, a plain background — varies and is scored as the base-image sanity
 check). k = 1 is the reference row: each category's LoRA alone (merge only: at k = 1 Switch and Composite
 are merge) on prompts holding just its concept, ``--prompts`` in total cycling over the 5 categories; its
-per-category columns are each LoRA's own strength. Each prompt is sampled with 4 noise samples (one batch,
+per-category columns are each LoRA's own strength, and the ``base`` row beside it is the base model on the same
+trigger + class prompts (its "all classes" column: does the base draw a creature for "a zorb creature"?). The
+regional rows run when the pack has ``methods.regional`` and are skipped with a printed note otherwise; CLoRA on
+the DiT is recorded as not applicable (no cross-attention). Each prompt is sampled with 4 noise samples (one batch,
 seed = prompt index) by every method with the same seeds, euler/normal, 20 steps, cfg 5, LoRA strength 1.
 The detector (testbed/detector.py) scores: per-concept presence, the per-image minimum over concepts of the
 detector's presence probability (the papers' "min" idea), the all-present rate and the sanity rate. 95 %
@@ -45,13 +49,14 @@ import detector as detector_lib  # noqa: E402
 import eval_core  # noqa: E402
 import eval_report  # noqa: E402
 import world  # noqa: E402
-from eval_core import (CFG, CONCEPT_WORDS, METHODS, SEEDS, STEPS, bootstrap, composition_prompts,  # noqa: E402,F401
-                       lora_name, rows_for, score)
+import objectives  # noqa: E402
+from eval_core import (ALL_METHODS, CFG, CONCEPT_WORDS, METHODS, SEEDS, STEPS, bootstrap,  # noqa: E402,F401
+                       composition_prompts, lora_name, rows_for, score)
 
 
-def sample(method: str, model, clip, rows, prompt: str, seed: int):
-    """LATENT samples [SEEDS,4,32,32] of ``method`` through the pack's own engine functions."""
-    return eval_core.sample(ml, method, model, clip, rows, prompt, seed)
+def sample(method: str, model, clip, rows, prompt: str, seed: int, arch: str = "unet"):
+    """LATENT samples [SEEDS,C,64,64] of ``method`` through the pack's own engine functions."""
+    return eval_core.sample(ml, method, model, clip, rows, prompt, seed, arch=arch)
 
 
 def write_json(results: dict, path: str) -> None:
@@ -65,8 +70,10 @@ def main():
     parser.add_argument("--out", required=True)
     parser.add_argument("--weights", default=comfy_model.WEIGHTS)
     parser.add_argument("--prompts", type=int, default=40, help="prompts per k (k = 1: in total over the 5 LoRAs)")
-    parser.add_argument("--ks", nargs="+", type=int, default=[2, 3, 4], help="1 = each LoRA alone (merge only)")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--ks", nargs="*", type=int, default=[2, 3, 4],
+                        help="1 = each LoRA alone (merge, and base when asked); none: only the base check")
+    parser.add_argument("--arch", choices=objectives.ARCHS, default="unet")
+    parser.add_argument("--methods", nargs="+", default=list(ALL_METHODS), choices=ALL_METHODS)
     parser.add_argument("--max-seconds", type=float, default=float("inf"),
                         help="time budget of one (k, method): stop before a prompt that would overrun it")
     parser.add_argument("--total-seconds", type=float, default=float("inf"),
@@ -76,13 +83,19 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     start = time.perf_counter()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout`: still write results.json/md below
-    folder_paths.add_model_folder_path("loras", os.path.join(args.weights, "loras"), is_default=True)
-    model, clip = comfy_model.load_testbed(args.weights)
+    folder_paths.add_model_folder_path("loras", os.path.join(objectives.folder(args.arch, args.weights), "loras"),
+                                       is_default=True)
+    model, clip = objectives.load(args.arch, args.weights, None)
     device = model.load_device
-    ctx = {"ml": ml, "model": model, "clip": clip, "start": start,
+    ctx = {"ml": ml, "model": model, "clip": clip, "start": start, "arch": args.arch,
            "net": detector_lib.load_detector(os.path.join(args.weights, "detector.safetensors"), device)}
-    results = {"meta": {"steps": STEPS, "cfg": CFG, "seeds_per_prompt": SEEDS, "prompts_per_k": args.prompts,
-                        "sampler": "euler/normal", "device": str(device), "argv": sys.argv[1:]}, "k": {}}
+    methods = list(args.methods)
+    if any(m in eval_core.REGIONAL for m in methods) and not eval_core.regional_available(ml):
+        print("note: the pack has no multilora/methods/regional.py yet: regional rows skipped", flush=True)
+        methods = [m for m in methods if m not in eval_core.REGIONAL]
+    results = {"meta": {"arch": args.arch, "steps": STEPS, "cfg": CFG, "seeds_per_prompt": SEEDS,
+                        "prompts_per_k": args.prompts, "sampler": f"euler/{eval_core.SCHEDULERS[args.arch]}",
+                        "device": str(device), "argv": sys.argv[1:]}, "k": {}}
     partial = os.path.join(args.out, "results_partial.json")
     print(f"loaded in {time.perf_counter() - start:.1f} s on {device}", flush=True)
 
@@ -91,7 +104,7 @@ def main():
     try:
         if not args.no_base:
             try:
-                results["base_caption_following"] = base_following(model, clip, ctx["net"], args.prompts)
+                results["base_caption_following"] = base_following(model, clip, ctx["net"], args.prompts, args.arch)
             except Exception as exc:
                 traceback.print_exc()
                 results["base_caption_following"] = {"error": f"{type(exc).__name__}: {exc}"}
@@ -99,10 +112,10 @@ def main():
             write_json(results, partial)
         for k in args.ks:
             prompts = composition_prompts(k, args.prompts)
-            methods = eval_core.methods_for(k, args.methods)
+            k_methods = eval_core.methods_for(k, methods)
             entry, sheet = {}, []
             results["k"][str(k)] = {"prompts": [p for _, p, _ in prompts], "methods": entry}
-            for method in methods:
+            for method in k_methods:
 
                 def on_prompt(e, method=method):
                     entry[method] = dict(e, in_progress=True)
@@ -113,26 +126,27 @@ def main():
                       flush=True)
                 write_json(results, partial)
                 sheet.append(images)
-            eval_report.save_sheet(sheet, methods, os.path.join(args.out, f"sheet_k{k}.png"))
+            eval_report.save_sheet(sheet, k_methods, os.path.join(args.out, f"sheet_k{k}.png"))
     finally:
         results["meta"]["seconds"] = round(time.perf_counter() - start, 1)
         write_json(results, os.path.join(args.out, "results.json"))
         with open(os.path.join(args.out, "results.md"), "w") as f:
-            f.write(eval_report.markdown(results, args.methods))
-        print(eval_report.markdown(results, args.methods), flush=True)
+            f.write(eval_report.markdown(results, ALL_METHODS))
+        print(eval_report.markdown(results, ALL_METHODS), flush=True)
 
 
-def base_following(model, clip, net, count: int) -> dict:
+def base_following(model, clip, net, count: int, arch: str = "unet") -> dict:
     """The base model alone on plain captions: rate at which every captioned attribute is detected."""
     gen = torch.Generator().manual_seed(77)
     hits, parts = [], {"left": [], "right": [], "background": []}
     for i in range(count):
         scenes = world.random_scenes(1, gen)
-        images = comfy_model.decode(sample("base", model, clip, (), world.caption(scenes, 0), 5000 + i))
+        images = eval_core.decode(model, sample("base", model, clip, (), world.caption(scenes, 0), 5000 + i, arch))
         with torch.no_grad():
             pred = detector_lib.predict(net, images.to(next(net.parameters()).device))
         ok_left = (pred["left"] == scenes.left) & ((scenes.left == 0) | (pred["left_colour"] == scenes.left_colour))
         ok_right = (pred["right"] == scenes.right) & ((scenes.right == 0) | (pred["right_colour"] == scenes.right_colour))
+        ok_left = ok_left & (pred["vest"] == scenes.vest)
         ok_bg = pred["background"] == scenes.background
         parts["left"].append(ok_left.float())
         parts["right"].append(ok_right.float())

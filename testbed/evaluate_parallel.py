@@ -1,9 +1,9 @@
 """Run the testbed evaluation as several `evaluate.py` processes at once on one GPU, then merge their results.
 
-    python testbed/evaluate_parallel.py --out DIR [--weights W] [--max-seconds S]
-    python testbed/evaluate_parallel.py --out DIR --merge-only      # merge DIR/job*/results.json again
+    python testbed/evaluate_parallel.py --out DIR [--arch unet|dit] [--weights W] [--max-seconds S]
+    python testbed/evaluate_parallel.py --out DIR [--arch A] --merge-only   # merge DIR/job*/results.json again
 
-The testbed model is tiny (32×32 pixels as latents), so one sampling process leaves most of an H100/H200
+The testbed models are tiny (64×64 pixels as latents), so one sampling process leaves most of an H100/H200
 idle: the time goes to kernel launches and Python. Independent (k, method) groups therefore run as separate
 processes side by side, each with its own output folder ``DIR/jobN`` and log ``DIR/jobN.log``; every
 process evaluates the same prompts and seeds it would evaluate alone (prompts depend on k only), so the
@@ -22,22 +22,36 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-JOBS = (
-    ["--ks", "1", "2", "--methods", "merge", "switch", "composite", "cmlora"],
-    ["--ks", "3", "4", "--methods", "merge", "switch", "composite", "cmlora", "--no-base"],
-    ["--ks", "2", "--methods", "clora", "--no-base"],
-    ["--ks", "3", "--methods", "clora", "--no-base"],
-    ["--ks", "4", "--methods", "clora", "--no-base"],
-)
+_TRAINING_FREE = ["merge", "switch", "composite", "cmlora"]
+JOBS_BY_ARCH = {
+    "unet": (
+        ["--ks", "1", "2", "--methods", "base"] + _TRAINING_FREE,
+        ["--ks", "3", "4", "--methods"] + _TRAINING_FREE + ["--no-base"],
+        ["--ks", "2", "3", "4", "--methods", "regional_oracle", "--no-base"],
+        ["--ks", "2", "3", "4", "--methods", "regional_auto", "--no-base"],
+        ["--ks", "2", "--methods", "clora", "--no-base"],
+        ["--ks", "3", "--methods", "clora", "--no-base"],
+        ["--ks", "4", "--methods", "clora", "--no-base"],
+    ),
+    "dit": (  # no CLoRA: a DiT has no cross-attention for it to read
+        ["--ks", "1", "2", "--methods", "base"] + _TRAINING_FREE,
+        ["--ks", "3", "--methods"] + _TRAINING_FREE + ["--no-base"],
+        ["--ks", "4", "--methods"] + _TRAINING_FREE + ["--no-base"],
+        ["--ks", "2", "3", "4", "--methods", "regional_oracle", "--no-base"],
+        ["--ks", "2", "3", "4", "--methods", "regional_auto", "--no-base"],
+    ),
+}
+JOBS = JOBS_BY_ARCH["unet"]
 """One evaluate.py process per entry. CLoRA (a backward pass per refinement iteration) is the slowest
-method, so each k of it gets a process of its own."""
+method, so each k of it gets a process of its own; the regional rows are skipped, with a note in the job's
+log, while the pack has no methods/regional.py."""
 
 
-def run_jobs(out: str, weights: str | None, max_seconds: float, prompts: int) -> None:
+def run_jobs(out: str, weights: str | None, max_seconds: float, prompts: int, arch: str = "unet") -> None:
     env = dict(os.environ, OMP_NUM_THREADS="2", MKL_NUM_THREADS="2")
     procs = []
-    for i, job in enumerate(JOBS):
-        argv = [sys.executable, os.path.join(HERE, "evaluate.py"), "--out", os.path.join(out, f"job{i}"),
+    for i, job in enumerate(JOBS_BY_ARCH[arch]):
+        argv = [sys.executable, os.path.join(HERE, "evaluate.py"), "--arch", arch, "--out", os.path.join(out, f"job{i}"),
                 "--max-seconds", str(max_seconds), "--total-seconds", str(max_seconds), "--prompts", str(prompts)] + job
         if weights:
             argv += ["--weights", weights]
@@ -50,10 +64,10 @@ def run_jobs(out: str, weights: str | None, max_seconds: float, prompts: int) ->
         print(f"{time.perf_counter() - start:.0f}s exit {code}: {' '.join(argv[2:])}", flush=True)
 
 
-def merge(out: str) -> dict:
-    """The jobs' results.json → one results dict (methods of a k united, in JOBS order)."""
+def merge(out: str, jobs: int | None = None) -> dict:
+    """The jobs' results.json → one results dict (methods of a k united, in job order)."""
     merged = {"meta": {"jobs": []}, "k": {}}
-    for i in range(len(JOBS)):
+    for i in range(jobs or max(len(j) for j in JOBS_BY_ARCH.values())):
         path = os.path.join(out, f"job{i}", "results.json")
         if not os.path.exists(path):
             print(f"job{i}: no results.json (see job{i}.log)", flush=True)
@@ -61,7 +75,7 @@ def merge(out: str) -> dict:
         with open(path) as f:
             part = json.load(f)
         merged["meta"]["jobs"].append(part["meta"])
-        for key in ("steps", "cfg", "seeds_per_prompt", "prompts_per_k", "sampler", "device"):
+        for key in ("arch", "steps", "cfg", "seeds_per_prompt", "prompts_per_k", "sampler", "device"):
             merged["meta"].setdefault(key, part["meta"].get(key))
         if "base_caption_following" in part:
             merged["base_caption_following"] = part["base_caption_following"]
@@ -76,7 +90,7 @@ def merge(out: str) -> dict:
 def stack_sheets(out: str, k: str) -> None:
     """DIR/job*/sheet_k{k}.png stacked top to bottom (white padding to the widest)."""
     from PIL import Image
-    parts = [Image.open(p) for i in range(len(JOBS))
+    parts = [Image.open(p) for i in range(max(len(j) for j in JOBS_BY_ARCH.values()))
              if os.path.exists(p := os.path.join(out, f"job{i}", f"sheet_k{k}.png"))]
     if not parts:
         return
@@ -92,18 +106,19 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--weights")
+    parser.add_argument("--arch", choices=tuple(JOBS_BY_ARCH), default="unet")
     parser.add_argument("--max-seconds", type=float, default=480, help="budget of every job")
     parser.add_argument("--prompts", type=int, default=40, help="prompts per k (a smaller number: smoke test)")
     parser.add_argument("--merge-only", action="store_true")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     if not args.merge_only:
-        run_jobs(args.out, args.weights, args.max_seconds, args.prompts)
+        run_jobs(args.out, args.weights, args.max_seconds, args.prompts, args.arch)
     sys.path.insert(0, HERE)
     from boot import boot_comfy
     boot_comfy()
     import eval_report
-    from eval_core import METHODS
+    from eval_core import ALL_METHODS as METHODS
     merged = merge(args.out)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(merged, f, indent=1)

@@ -1,40 +1,81 @@
 #!/usr/bin/env bash
-# The testbed's GPU work as two device calls of < 10 min each (issue 9), run from the repository root:
+# The testbed v3's GPU work as device calls of < 10 min each (issue 17), run from the repository root with
+# PYTHONPATH=$PWD/.device/site COMFYUI_PATH=$PWD/.device/comfyui (carry [".device"]):
 #
-#   bash testbed/gpu_runs.sh train OUT   # base +235 s from testbed/weights, then the 5 LoRAs side by side
-#                                        # (rank 16, 255 s each); weights in OUT/w, logs in OUT/*.log
-#   bash testbed/gpu_runs.sh eval OUT [WEIGHTS]
-#                                        # every method, k = 1..4, 40 prompts × 4 seeds, as parallel
-#                                        # processes (evaluate_parallel.py); OUT/eval/results.{json,md}
+#   bash testbed/gpu_runs.sh base OUT    # call 1: detector + UNet base + DiT base side by side (BASE_SECONDS each),
+#                                        # then each base's caption following and class drawing (16 prompts)
+#   bash testbed/gpu_runs.sh loras OUT W # call 2: the 10 LoRAs (5 per testbed) side by side on the bases in W
+#                                        # (LORA_SECONDS each), then each LoRA alone at k = 1 (20 prompts)
+#   bash testbed/gpu_runs.sh all OUT     # one call: base, then loras on it (what the committed v3 weights had, with
+#                                        # BASE_SECONDS=230 LORA_SECONDS=140: the session had ~11 min of device left)
+#   bash testbed/gpu_runs.sh eval OUT W ARCH
+#                                        # every method, k = 1..4, 40 prompts × 4 seeds, as parallel processes
+#                                        # (evaluate_parallel.py) on testbed ARCH (unet or dit); OUT/eval-ARCH
 #
-# After `train`, copy OUT/w over testbed/weights (the committed weights) before `eval`, or pass OUT/w.
-# The device tool brings back at most 8 files from $OUT: pack OUT/w/loras and the logs into one tar there
-# (as done for the committed weights), or run train into another folder and copy only what you need to $OUT.
+# base/loras leave OUT/w.tar (the weights, the layout of testbed/weights) and OUT/logs.tar: the device tool brings
+# back at most 8 files from $OUT, so copy those two there. Unpack w.tar over testbed/weights.
 set -euo pipefail
-stage=${1:?train or eval}
+stage=${1:?base, loras or eval}
 out=${2:?output folder}
-mkdir -p "$out"
-case "$stage" in
-train)
-    w="$out/w"
-    mkdir -p "$w"
-    python testbed/train.py --out "$w" --resume testbed/weights --no-detector --no-loras \
-        --base-steps 100000 --base-seconds 235 --base-lr 1.5e-4 > "$out/base.log" 2>&1
-    tail -n 3 "$out/base.log"
-    pids=()
-    for category in character clothing background object style; do
-        python testbed/train.py --out "$w" --resume "$w" --loras-only "$category" --rank 16 \
-            --lora-steps 4000 --lora-seconds 255 > "$out/lora_$category.log" 2>&1 &
-        pids+=($!)
+mkdir -p "$out/w" "$out/logs"
+w="$out/w"
+py=${PYTHON:-python3}
+check() {  # arch, ks, methods, prompts
+    "$py" testbed/evaluate.py --arch "$1" --weights "$w" --out "$out/logs/check_$1" --ks $2 --methods $3 \
+        --prompts "$4" --max-seconds 60 > "$out/logs/check_$1.log" 2>&1 || true
+}
+pack() {
+    tar -C "$w" -cf "$out/w.tar" .
+    tar -C "$out" -cf "$out/logs.tar" logs
+    if [ -n "${COPY_TO:-}" ]; then cp "$out/w.tar" "$out/logs.tar" "$COPY_TO"/; fi
+}
+train_bases() {
+    "$py" testbed/train.py --stage detector --out "$w" --detector-steps "${DETECTOR_STEPS:-4000}" \
+        > "$out/logs/detector.log" 2>&1 &
+    for arch in unet dit; do
+        "$py" testbed/train.py --stage base --arch "$arch" --out "$w" --base-seconds "${BASE_SECONDS:-450}" \
+            > "$out/logs/base_$arch.log" 2>&1 &
     done
-    for pid in "${pids[@]}"; do wait "$pid"; done
-    tail -n 1 "$out"/lora_*.log
+    wait
+    tail -n 2 "$out"/logs/*.log
+}
+train_loras() {
+    for arch in unet dit; do
+        for category in character clothing background object style; do
+            "$py" testbed/train.py --stage loras --arch "$arch" --out "$w" --resume "$w" --loras-only "$category" \
+                --lora-seconds "${LORA_SECONDS:-400}" --lora-lr "${LORA_LR:-1e-3}" > "$out/logs/lora_${arch}_$category.log" 2>&1 &
+        done
+    done
+    wait
+    tail -n 1 "$out"/logs/lora_*.log
+}
+case "$stage" in
+all)
+    train_bases
+    pack
+    train_loras
+    pack
+    ;;
+base)
+    train_bases
+    check unet "1" base 16 & check dit "1" base 16 & wait
+    grep -h -A 4 "### k = 1\|Base model" "$out"/logs/check_*/results.md || true
+    pack
+    ;;
+loras)
+    src=${3:?weights folder with the bases}
+    cp -r "$src"/. "$w"/
+    train_loras
+    check unet "1" "base merge" 20 & check dit "1" "base merge" 20 & wait
+    grep -h -A 5 "### k = 1" "$out"/logs/check_*/results.md || true
+    pack
     ;;
 eval)
-    python testbed/evaluate_parallel.py --out "$out/eval" --max-seconds 480 ${3:+--weights "$3"}
+    "$py" testbed/evaluate_parallel.py --arch "${4:?unet or dit}" --out "$out/eval-$4" --max-seconds 500 \
+        ${3:+--weights "$3"}
     ;;
 *)
-    echo "unknown stage '$stage': use train or eval" >&2
+    echo "unknown stage '$stage': use base, loras or eval" >&2
     exit 2
     ;;
 esac

@@ -1,17 +1,22 @@
-"""Train the composition testbed (issue 9): base text-to-image model, five concept LoRAs, the detector.
+"""Train the composition testbed v3 (issue 17): detector, base models (UNet, Flux-architecture DiT), concept LoRAs.
 
-    python testbed/train.py --out DIR            # on the GPU machine (≈ 6 min on an H200)
-    python testbed/train.py --out DIR --smoke    # a few steps on the CPU, to check the plumbing
+    python testbed/train.py --stage detector --out DIR
+    python testbed/train.py --stage base --arch unet|dit --out DIR [--base-seconds S]
+    python testbed/train.py --stage loras --arch unet|dit --out DIR --resume DIR --loras-only CATEGORY ...
+    python testbed/train.py ... --smoke        # a few steps of tiny batches on the CPU, to check the plumbing
 
-Everything is seeded (data generator, init, dropout), so a run is reproducible up to GPU kernel
-non-determinism. Outputs in DIR: unet.safetensors, clip.safetensors (fp16, the EMA weights), one kohya
-LoRA per category in loras/ (``--rank``, alpha = rank; the committed ones: 16), diffusers-style
-``lora_unet_down_blocks_…`` keys, UNet only,
-detector.safetensors and train_log.json (losses, steps, seconds, detector accuracy on held-out renders).
+``testbed/gpu_runs.sh`` runs these as two device calls. Everything is seeded (data generator, init, dropout), so
+a run is reproducible up to GPU kernel non-determinism. Outputs (``objectives.folder``): the UNet's unet/clip/
+loras in DIR, the DiT's dit/clip/loras in DIR/dit (fp16, the EMA weights), detector.safetensors in DIR, and a
+train_log_*.json per process (steps, seconds, losses, detector accuracy on held-out renders).
 
-Objective (DDPM, Ho et al. 2020, in ComfyUI's EPS parameterisation): t ~ U{0..999}, σ = sigmas[t],
-x_t = x_0 + σ·ε, the UNet sees x_t / √(σ²+1) and timestep t and predicts ε; loss ‖ε̂ − ε‖². Captions are
-dropped (empty prompt) 10 % of the time so classifier-free guidance works.
+Data: the base sees scenes of the base distribution (``world.random_scenes``: plain shapes and generic class
+members — creatures, lamps, vests, walls — captioned by class, "a red creature"); each LoRA sees scenes that all
+hold its concept, captioned trigger + class ("a zorb creature"), the rest of the scene from the base distribution.
+Captions are dropped (empty prompt) 10 % of the time so classifier-free guidance works. Losses: ``objectives``.
+Base: AdamW, linear warm-up then cosine decay over the step or time budget, EMA of the weights, UNet/DiT and the
+text encoder's layers trained together (the embedding table stays the seeded random one). LoRA: rank ``--rank``,
+alpha = rank, on ``objectives.*_LORA_TARGETS``, base and text encoder frozen.
 """
 from __future__ import annotations
 
@@ -19,7 +24,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import sys
 import time
 
@@ -34,13 +38,12 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-import comfy.utils  # noqa: E402
 import comfy_model  # noqa: E402
 import detector as detector_lib  # noqa: E402
+import objectives  # noqa: E402
 import world  # noqa: E402
 
-LORA_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k",
-                "attn2.to_v", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
+LORA_TARGETS = objectives.UNET_LORA_TARGETS  # v2 name, kept for callers
 
 
 class Captions:
@@ -59,20 +62,11 @@ class Captions:
 
 
 def batch(gen, size, device, concepts=(), drop=0.1):
+    """Renders [B,3,64,64] and captions of ``size`` training scenes (``concepts`` in every one)."""
     scenes = world.random_scenes(size, gen, concepts)
     keep = (torch.rand(size, generator=gen) >= drop).tolist()
     texts = [world.caption(scenes, i) if keep[i] else "" for i in range(size)]
     return world.render(scenes, gen, device=device), texts
-
-
-def eps_loss(unet, sigmas, x0, context, gen, device):
-    t = torch.randint(0, len(sigmas), (x0.shape[0],), generator=gen).to(device)
-    noise = torch.randn(x0.shape, generator=gen).to(device)
-    sigma = sigmas[t].view(-1, 1, 1, 1)
-    x_in = (x0 + sigma * noise) / torch.sqrt(sigma ** 2 + 1)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        pred = unet(x_in, timesteps=t.float(), context=context)
-    return F.mse_loss(pred.float(), noise)
 
 
 def lr_at(step, progress, peak, warmup=200):
@@ -90,28 +84,31 @@ def progress_of(step, steps, elapsed, seconds):
 
 def mean_loss(losses) -> float:
     """Mean of the last 100 loss tensors (one host sync; the training loops never sync per step)."""
-    return float(torch.stack(losses[-100:]).mean())
+    return float(torch.stack(losses[-100:]).mean()) if losses else float("nan")
 
 
-def train_base(patcher, clip, steps, batch_size, seconds, gen, device, log, peak_lr=3e-4):
-    unet = patcher.model.diffusion_model.to(device)
+def train_base(arch, patcher, clip, steps, batch_size, seconds, gen, device, log, peak_lr=3e-4):
+    """Train ``arch``'s model and the text encoder's layers on base captions; the EMA weights end in the model."""
+    dm = patcher.model.diffusion_model.to(device)
     text = clip.cond_stage_model.to(device)
-    sigmas = patcher.model.model_sampling.sigmas.to(device)
     captions = Captions(clip)
-    params = [p for p in unet.parameters()] + [p for n, p in text.named_parameters() if "token_embedding" not in n]
+    for p in dm.parameters():
+        p.requires_grad_(True)  # ComfyUI ≥ 0.33 builds its weights with requires_grad off
     for n, p in text.named_parameters():
         p.requires_grad_("token_embedding" not in n)
+    params = list(dm.parameters()) + [p for n, p in text.named_parameters() if "token_embedding" not in n]
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=peak_lr, weight_decay=0.01)
-    start, losses = time.perf_counter(), []
+    start, losses, step = time.perf_counter(), [], 0
     for step in range(steps):
         progress = progress_of(step, steps, time.perf_counter() - start, seconds)
         if progress >= 1:
-            print(f"base: time budget reached at step {step}", flush=True)
+            print(f"{arch} base: time budget reached at step {step}", flush=True)
             break
         images, texts = batch(gen, batch_size, device)
-        context = comfy_model.encode_ids(clip, captions.rows(texts)).to(device)
-        loss = eps_loss(unet, sigmas, world.to_latent(images.to(device)), context, gen, device)
+        context, pooled = comfy_model.encode_ids_pooled(clip, captions.rows(texts))
+        loss = objectives.denoise_loss(arch, patcher, objectives.to_model_space(arch, images.to(device)),
+                                       context.to(device), pooled.to(device), gen, device)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, progress, peak_lr)
         opt.zero_grad(set_to_none=True)
@@ -123,14 +120,15 @@ def train_base(patcher, clip, steps, batch_size, seconds, gen, device, log, peak
             torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
         losses.append(loss.detach())
         if step % 250 == 0:
-            print(f"base {step}/{steps} loss {mean_loss(losses):.4f} {time.perf_counter() - start:.0f}s", flush=True)
+            print(f"{arch} base {step}/{steps} loss {mean_loss(losses):.4f} {time.perf_counter() - start:.0f}s",
+                  flush=True)
     else:
         step = steps
     with torch.no_grad():
         for p, e in zip(params, ema):
             p.copy_(e)
-    log["base"] = {"steps": step, "batch": batch_size, "seconds": round(time.perf_counter() - start, 1),
-                   "loss_last_100": round(mean_loss(losses), 4)}
+    log[f"{arch}_base"] = {"steps": step, "batch": batch_size, "seconds": round(time.perf_counter() - start, 1),
+                           "loss_last_100": round(mean_loss(losses), 4)}
 
 
 class LoraLayer(torch.nn.Module):
@@ -153,136 +151,131 @@ class LoraLayer(torch.nn.Module):
         return output + self.scale * delta
 
 
-def lora_targets(unet):
-    return {name: m for name, m in unet.named_modules()
-            if any(name.endswith(t) for t in LORA_TARGETS) and hasattr(m, "weight")}
-
-
-def train_lora(patcher, clip, category, steps, batch_size, rank, gen, device, log, seconds=float("inf")):
-    unet = patcher.model.diffusion_model
-    sigmas = patcher.model.model_sampling.sigmas.to(device)
+def train_lora(arch, patcher, clip, category, steps, batch_size, rank, gen, device, log, seconds=float("inf"),
+               peak_lr=1e-3) -> dict:
+    """Train one kohya LoRA of ``category`` on the frozen base; returns its state dict (fp16 factors)."""
+    dm = patcher.model.diffusion_model
     captions = Captions(clip)
-    for p in list(unet.parameters()) + list(clip.cond_stage_model.parameters()):
+    for p in list(dm.parameters()) + list(clip.cond_stage_model.parameters()):
         p.requires_grad_(False)
     layers, handles = {}, []
-    for name, module in lora_targets(unet).items():
+    for name, module in objectives.lora_targets(arch, dm).items():
         layers[name] = LoraLayer(module, rank, gen).to(device)
         handles.append(module.register_forward_hook(layers[name].hook))
     params = [p for layer in layers.values() for p in layer.parameters()]
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
-    start, losses = time.perf_counter(), []
+    opt = torch.optim.AdamW(params, lr=peak_lr, weight_decay=0.0)
+    start, losses, step = time.perf_counter(), [], 0
     try:
         for step in range(steps):
             progress = progress_of(step, steps, time.perf_counter() - start, seconds)
             if progress >= 1:
-                print(f"lora {category}: time budget reached at step {step}", flush=True)
+                print(f"{arch} lora {category}: time budget reached at step {step}", flush=True)
                 break
             images, texts = batch(gen, batch_size, device, (category,))
             with torch.no_grad():
-                context = comfy_model.encode_ids(clip, captions.rows(texts)).to(device)
-            loss = eps_loss(unet, sigmas, world.to_latent(images.to(device)), context, gen, device)
+                context, pooled = comfy_model.encode_ids_pooled(clip, captions.rows(texts))
+            loss = objectives.denoise_loss(arch, patcher, objectives.to_model_space(arch, images.to(device)),
+                                           context.to(device), pooled.to(device), gen, device)
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, progress, 1e-3, warmup=50)
+                group["lr"] = lr_at(step, progress, peak_lr, warmup=50)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             losses.append(loss.detach())
             if step % 100 == 0:
-                print(f"lora {category} {step}/{steps} loss {mean_loss(losses):.4f} {time.perf_counter() - start:.0f}s",
-                      flush=True)
+                print(f"{arch} lora {category} {step}/{steps} loss {mean_loss(losses):.4f} "
+                      f"{time.perf_counter() - start:.0f}s", flush=True)
         else:
             step = steps
     finally:
         for h in handles:
             h.remove()
-    log[f"lora_{category}"] = {"steps": step, "rank": rank, "seconds": round(time.perf_counter() - start, 1),
-                               "loss_last_100": round(mean_loss(losses), 4)}
-    print(f"lora {category}: {log[f'lora_{category}']}", flush=True)
-    return kohya_state(patcher, layers, rank)
+    log[f"{arch}_lora_{category}"] = {"steps": step, "rank": rank, "layers": len(layers),
+                                      "seconds": round(time.perf_counter() - start, 1),
+                                      "loss_last_100": round(mean_loss(losses), 4)}
+    print(f"{arch} lora {category}: {log[f'{arch}_lora_{category}']}", flush=True)
+    return kohya_state(arch, patcher, layers, rank)
 
 
-def kohya_state(patcher, layers, rank) -> dict:
-    """kohya keys (diffusers block names, ``lora_unet_…``) for the trained factors, fp16, alpha = rank."""
-    ldm_to_diffusers = {v: k for k, v in comfy.utils.unet_to_diffusers(patcher.model.model_config.unet_config).items()}
+def kohya_state(arch, patcher, layers, rank) -> dict:
+    """kohya keys (``lora_unet_…``, ``objectives.kohya_prefixes``) for the trained factors, fp16, alpha = rank."""
     state = {}
-    for name, layer in layers.items():
-        key = ldm_to_diffusers[f"{name}.weight"][:-len(".weight")].replace(".", "_")
+    for name, key in objectives.kohya_prefixes(arch, patcher, layers).items():
+        layer = layers[name]
         extra = (1, 1) if layer.conv else ()
-        state[f"lora_unet_{key}.lora_down.weight"] = layer.down.detach().reshape(layer.down.shape + extra).half().cpu()
-        state[f"lora_unet_{key}.lora_up.weight"] = layer.up.detach().reshape(layer.up.shape + extra).half().cpu()
-        state[f"lora_unet_{key}.alpha"] = torch.tensor(float(rank))
+        state[f"{key}.lora_down.weight"] = layer.down.detach().reshape(layer.down.shape + extra).half().cpu()
+        state[f"{key}.lora_up.weight"] = layer.up.detach().reshape(layer.up.shape + extra).half().cpu()
+        state[f"{key}.alpha"] = torch.tensor(float(rank))
     return state
+
+
+def write_log(out: str, name: str, log: dict) -> None:
+    with open(os.path.join(out, f"train_log_{name}.json"), "w") as f:
+        json.dump(log, f, indent=2)
+    print(json.dumps(log), flush=True)
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
+    parser.add_argument("--stage", choices=("detector", "base", "loras"), required=True)
+    parser.add_argument("--arch", choices=objectives.ARCHS, default="unet")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--base-steps", type=int, default=6000)
+    parser.add_argument("--base-steps", type=int, default=100000)
     parser.add_argument("--base-seconds", type=float, default=300)
-    parser.add_argument("--lora-steps", type=int, default=600)
-    parser.add_argument("--lora-seconds", type=float, default=float("inf"), help="time budget of each LoRA")
-    parser.add_argument("--detector-steps", type=int, default=3000)
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--resume", help="folder with unet/clip.safetensors to continue training from")
     parser.add_argument("--base-lr", type=float, default=3e-4)
-    parser.add_argument("--loras-only", nargs="+", metavar="CATEGORY",
-                        help="only (re)train these LoRAs on the base in --resume")
-    parser.add_argument("--no-detector", action="store_true", help="keep the detector of --resume")
-    parser.add_argument("--no-loras", action="store_true", help="train the base only")
+    parser.add_argument("--lora-steps", type=int, default=100000)
+    parser.add_argument("--lora-seconds", type=float, default=float("inf"), help="time budget of each LoRA")
+    parser.add_argument("--lora-lr", type=float, default=1e-3)
+    parser.add_argument("--detector-steps", type=int, default=3000)
+    parser.add_argument("--batch", type=int, default=256, help="base batch")
+    parser.add_argument("--lora-batch", type=int, default=64)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--resume", help="weights folder to continue from (base) or to train LoRAs on (loras)")
+    parser.add_argument("--loras-only", nargs="+", metavar="CATEGORY", default=list(world.CATEGORIES),
+                        help="LoRAs to train (stage loras)")
     parser.add_argument("--smoke", action="store_true", help="tiny run on the CPU")
     args = parser.parse_args()
     if args.smoke:
-        args.base_steps, args.lora_steps, args.detector_steps, args.batch = 3, 2, 20, 8
+        args.base_steps, args.lora_steps, args.detector_steps, args.batch, args.lora_batch = 3, 2, 20, 4, 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    gen = torch.Generator().manual_seed(args.seed)
-    torch.manual_seed(args.seed)
-    os.makedirs(os.path.join(args.out, "loras"), exist_ok=True)
-    log = {"seed": args.seed, "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
-           "torch": torch.__version__}
-    if args.loras_only:
-        patcher, clip = comfy_model.load_testbed(args.resume, device=device)
-        patcher.model.diffusion_model.to(device)
-        clip.cond_stage_model.to(device)
-        for category in args.loras_only:
-            state = train_lora(patcher, clip, category, args.lora_steps, args.batch // 2, args.rank, gen, device, log,
-                               args.lora_seconds)
-            save_file(state, os.path.join(args.out, "loras", f"testbed_{category}.safetensors"))
-        with open(os.path.join(args.out, f"train_log_loras_{'_'.join(args.loras_only)}.json"), "w") as f:
-            json.dump(log, f, indent=2)
-        print(json.dumps(log), flush=True)
-        return
-    if args.no_detector:
-        if not args.resume:
-            parser.error("--no-detector keeps the detector of --resume: give --resume")
-        shutil.copyfile(os.path.join(args.resume, "detector.safetensors"), os.path.join(args.out, "detector.safetensors"))
-    else:
+    seed = args.seed + 1000 * objectives.ARCHS.index(args.arch) + sum(map(ord, "".join(args.loras_only))) * (
+        args.stage == "loras")
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    os.makedirs(args.out, exist_ok=True)
+    log = {"seed": seed, "stage": args.stage, "arch": args.arch, "torch": torch.__version__,
+           "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"}
+    if args.stage == "detector":
         net, accuracy = detector_lib.train_detector(args.detector_steps, gen, device)
         save_file({k: v.half().cpu().contiguous() for k, v in net.state_dict().items()},
                   os.path.join(args.out, "detector.safetensors"))
         log["detector_accuracy"] = accuracy
-        print(json.dumps(accuracy), flush=True)
-    if args.resume:
-        patcher, clip = comfy_model.load_testbed(args.resume, device=device)
-        log["resumed_from"] = args.resume
-    else:
-        clip = comfy_model.build_clip(device=device)
-        patcher = comfy_model.build_unet(device=device)
-    train_base(patcher, clip, args.base_steps, args.batch, args.base_seconds, gen, device, log, args.base_lr)
-    unet_state = {f"diffusion_model.{k}": v.detach().half().cpu().contiguous()
-                  for k, v in patcher.model.diffusion_model.state_dict().items()}
-    save_file(unet_state, os.path.join(args.out, "unet.safetensors"))
-    save_file(comfy_model.trained_clip_state(clip), os.path.join(args.out, "clip.safetensors"))
-    # LoRAs are trained on the fp16-rounded base the users will load.
-    patcher.model.diffusion_model.load_state_dict({k[len("diffusion_model."):]: v.float() for k, v in unet_state.items()})
-    for category in () if args.no_loras else world.CATEGORIES:
-        state = train_lora(patcher, clip, category, args.lora_steps, args.batch // 2, args.rank, gen, device, log,
-                           args.lora_seconds)
-        save_file(state, os.path.join(args.out, "loras", f"testbed_{category}.safetensors"))
-    with open(os.path.join(args.out, "train_log.json"), "w") as f:
-        json.dump(log, f, indent=2)
-    print(json.dumps(log, indent=2))
+        write_log(args.out, "detector", log)
+        return
+    if args.stage == "base":
+        if args.resume:
+            patcher, clip = objectives.load(args.arch, args.resume, device)
+            log["resumed_from"] = args.resume
+        else:
+            patcher, clip = objectives.build(args.arch, device)
+        train_base(args.arch, patcher, clip, args.base_steps, args.batch, args.base_seconds, gen, device, log,
+                   args.base_lr)
+        objectives.save_base(args.arch, patcher, clip, args.out)
+        write_log(args.out, f"{args.arch}_base", log)
+        return
+    if not args.resume:
+        parser.error("--stage loras trains on the base in --resume: give --resume")
+    patcher, clip = objectives.load(args.arch, args.resume, device)
+    patcher.model.diffusion_model.to(device)
+    clip.cond_stage_model.to(device)
+    out = os.path.join(objectives.folder(args.arch, args.out), "loras")
+    os.makedirs(out, exist_ok=True)
+    for category in args.loras_only:
+        state = train_lora(args.arch, patcher, clip, category, args.lora_steps, args.lora_batch, args.rank,
+                           gen, device, log, args.lora_seconds, args.lora_lr)
+        save_file(state, os.path.join(out, objectives.lora_file(args.arch, category)))
+    write_log(args.out, f"{args.arch}_loras_{'_'.join(args.loras_only)}", log)
 
 
 if __name__ == "__main__":
