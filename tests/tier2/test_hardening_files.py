@@ -156,14 +156,14 @@ MALFORMED = {  # case: (change, error type, message after the prefix, Apply LoRA
                 r"\.weight' that another tensor of the same layer needs\. The file is incomplete", True),
     "down_width": (_set("down", lambda t: torch.randn(4, 33)), "LoraFileError",
                    LAYER_LEVEL + r"the down factor of shape \[4, 33\] takes 33 inputs, the layer has 32\. The file is "
-                   r"damaged or made for another model", False),
+                   r"damaged or made for another model", True),
     "up_rows": (_set("up", lambda t: torch.randn(35, 4)), "LoraFileError",
-                LAYER_LEVEL + r"the up factor of shape \[35, 4\] gives 35 outputs, the layer has 32", False),
+                LAYER_LEVEL + r"the up factor of shape \[35, 4\] gives 35 outputs, the layer has 32", True),
     "rank_mismatch": (_set("down", lambda t: torch.randn(5, 32)), "LoraFileError",
-                      LAYER_LEVEL + r"the up factor has rank 4 but the down factor rank 5", False),
-    "rank_zero": (_rank_zero, "LoraFileError", LAYER_LEVEL + r"its factors have rank 0", False),
+                      LAYER_LEVEL + r"the up factor has rank 4 but the down factor rank 5", True),
+    "rank_zero": (_rank_zero, "LoraFileError", LAYER_LEVEL + r"its factors have rank 0", True),
     "scalar_factor": (_set("down", lambda t: torch.tensor(0.5)), "LoraFileError",
-                      LAYER_LEVEL + r"its up/down factors must be matrices", False),
+                      LAYER_LEVEL + r"its up/down factors must be matrices", True),
     "set_patch": (_set_weight, "UnsupportedAdapterError", r"^{node}: LoRA '{name}' uses a 'set' patch on "
                   r"'[\w.]+attn1\.to_q\.weight', which the on-the-fly engine cannot apply\. Merge it with Apply LoRA "
                   r"Stack", False),
@@ -179,7 +179,7 @@ def test_malformed_file_is_a_clear_error_before_sampling(w, errors, case):
         node = "CLoRA" if method == "clora" else node  # KSampler (CLoRA)'s engine messages say "CLoRA: …"
         fails_before_sampling(w, method, getattr(errors, error),
                               message.format(node=re.escape(node), name=re.escape(name)), stack=w.stack([w.good[0], name]))
-    if merge_refuses:  # core's loader skips misfit layers with a log line; these it cannot skip
+    if merge_refuses:  # Apply LoRA Stack checks the file as the engine does ('set' patches core can merge)
         with pytest.raises(errors.LoraFileError, match=message.format(node="Apply LoRA Stack", name=re.escape(name))):
             nodes.NODE_CLASS_MAPPINGS["MultiLoRAApplyStack"].execute(lora_stack=w.stack([name]), model=w.model)
     assert torch.isfinite(samples_of(w, "composite", steps=2)).all()  # and the next good run works
@@ -275,8 +275,8 @@ LOHA_MISFIT = {  # case: (tensor, new value, the problem after LAYER_LEVEL)
 
 @pytest.mark.parametrize("case", LOHA_MISFIT)
 def test_dense_adapter_that_does_not_fit_is_an_error_not_a_silent_zero(w, errors, case):
-    """Before: that layer's ΔW was silently 0 (ComfyUI only logs "ERROR loha …"). Now every sampler node
-    fails before sampling with the layer named, and the next good run works."""
+    """Before: that layer's ΔW was silently 0 (ComfyUI only logs "ERROR loha …"). Now every sampler node and
+    Apply LoRA Stack fail before sampling with the layer named, and the next good run works."""
     tensor, make, problem = LOHA_MISFIT[case]
     name = w.put(f"hard_loha_{case}.safetensors", _loha_doctored(w, tensor, make))
     for method, node in NODE_NAMES.items():
@@ -284,5 +284,7 @@ def test_dense_adapter_that_does_not_fit_is_an_error_not_a_silent_zero(w, errors
         fails_before_sampling(w, method, errors.LoraFileError,
                               LAYER_LEVEL.format(node=re.escape(node), name=re.escape(name)) + problem,
                               stack=w.stack([w.good[0], name]))
+    with pytest.raises(errors.LoraFileError, match=LAYER_LEVEL.format(node="Apply LoRA Stack", name=re.escape(name)) + problem):
+        nodes.NODE_CLASS_MAPPINGS["MultiLoRAApplyStack"].execute(lora_stack=w.stack([name]), model=w.model)
     assert torch.isfinite(samples_of(w, "composite", steps=2)).all()
     w.assert_clean()
