@@ -104,7 +104,8 @@ class MaskPreview(io.ComfyNode):
             description="Shows CLoRA's per-LoRA attention masks, one colour per LoRA, at a threshold you can "
                         "move without re-sampling (the maps are stored; only the masks are recomputed).",
             inputs=[
-                AttentionMapsType.Input("attention_maps", tooltip="From KSampler (CLoRA)."),
+                AttentionMapsType.Input("attention_maps", tooltip="From KSampler (CLoRA), or region_maps "
+                                                                  "from KSampler (Regional LoRA)."),
                 io.Float.Input("mask_threshold", default=0.4, min=0.0, max=1.0, step=0.01,
                                tooltip="λ used to threshold the stored maps."),
                 io.Int.Input("step", default=-1, min=-10000, max=10000,
@@ -126,7 +127,8 @@ class MaskPreview(io.ComfyNode):
         height, width = attention_maps.latent_size
         if image is None:
             image = torch.zeros(1, height * 8, width * 8, 3)
-        masks = masks_from_maps(maps, mask_threshold, tuple(image.shape[1:3])).float()
+        normalize = getattr(attention_maps, "normalize", True)  # Regional LoRA stores masks, not attention
+        masks = masks_from_maps(maps, mask_threshold, tuple(image.shape[1:3]), normalize=normalize).float()
         shown = overlay(image, masks)
         return io.NodeOutput(masks, shown, ui=ui.PreviewImage(shown, cls=cls))
 

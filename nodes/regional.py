@@ -8,10 +8,12 @@ from comfy_api.latest import io
 from ..multilora.core.regions import TEXT_ALL, TEXT_POLICIES
 from ..multilora.core.stack import require_active
 from ..multilora.host.ksampler import ksample
+from ..multilora.core.auto_masks import AutoMaskPhases
 from ..multilora.methods.regional import check_masks, regional_model
+from ..multilora.methods.regional_auto import MASK_SOURCES, MASKS_DRAWN, auto_regional_model, drawn_record
 from .checks import checked
 from .sampling import STACK_TIP, stack_sampler_inputs
-from .types import LoraStackType
+from .types import AttentionMapsType, LoraStackType
 
 MASKS = 4
 MASK_TIP = ("Where enabled row {i} of the stack acts (white = full strength). Any size: it is resized to the latent. "
@@ -21,6 +23,21 @@ FEATHER_TIP = ("Softens each mask's edge by a Gaussian blur of this many latent 
 TEXT_TIP = ("What the LoRAs do to the prompt's tokens (cross-attention keys/values on UNets, the text stream of Flux), "
             "which have no place in the image: 'every LoRA' (default) lets each LoRA read the whole prompt as it "
             "would alone; 'no LoRA' keeps the regional rows off the text (rows without a mask still act there).")
+MASK_FROM_TIP = ("Where rows without a mask act: 'connected masks' (default) = everywhere; 'concept attention' = a "
+                 "mask found from the attention of the row's concept word(s) to the image (rows of category style "
+                 "and rows without a concept word still act everywhere; connected masks still apply). Needs clip "
+                 "and prompt.")
+CLIP_TIP = ("The text encoder of the positive prompt; with mask_from 'concept attention' it finds the concept words' "
+            "tokens in 'prompt' (CLIP tokens on SD1.x/SDXL, T5 tokens on Flux). Nothing is encoded.")
+PROMPT_TIP = ("The positive prompt's text, exactly as encoded into 'positive'; every concept word of an automatic row "
+              "must appear in it.")
+AUTO_STEPS_TIP = ("Steps at the start during which the automatic rows act everywhere (the plain stack) while their "
+                  "concept attention is averaged; from step auto_steps on they act inside the masks found.")
+REFRESH_TIP = ("0 = the masks found after auto_steps stay frozen; M ≥ 1 = found again every M steps from the "
+               "attention of the step before.")
+THRESHOLD_TIP = ("λ: a pixel joins a concept's mask where its attention (min-max normalised per concept) is ≥ λ and "
+                 "higher than every other concept's; below λ for all concepts only the rows without a mask act there. "
+                 "0 = the concepts split the whole image.")
 DESCRIPTION = ("Regional LoRA: each LoRA of the stack acts only inside its mask, all in one model call per step "
                "(about the cost of one merged LoRA). Overlapping masks share their pixels; where no mask covers "
                "the image only the rows without a mask act. Works on SD1.x, SDXL and Flux-family models.")
@@ -33,6 +50,19 @@ def region_inputs() -> list[io.Input]:
         io.Float.Input("feather", default=0.0, min=0.0, max=64.0, step=0.5, optional=True, tooltip=FEATHER_TIP),
         io.Combo.Input("text_tokens", options=list(TEXT_POLICIES), default=TEXT_ALL, optional=True,
                        tooltip=TEXT_TIP),
+    ]
+
+
+def auto_inputs() -> list[io.Input]:
+    return [
+        io.Combo.Input("mask_from", options=list(MASK_SOURCES), default=MASKS_DRAWN, optional=True,
+                       tooltip=MASK_FROM_TIP),
+        io.Clip.Input("clip", optional=True, tooltip=CLIP_TIP),
+        io.String.Input("prompt", multiline=True, default="", optional=True, tooltip=PROMPT_TIP),
+        io.Int.Input("auto_steps", default=3, min=1, max=10000, optional=True, tooltip=AUTO_STEPS_TIP),
+        io.Int.Input("refresh_every", default=0, min=0, max=10000, optional=True, tooltip=REFRESH_TIP),
+        io.Float.Input("mask_threshold", default=0.4, min=0.0, max=1.0, step=0.01, optional=True,
+                       tooltip=THRESHOLD_TIP),
     ]
 
 
@@ -68,23 +98,38 @@ class RegionalLoraSampler(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="MultiLoRARegionalSampler", display_name="KSampler (Regional LoRA)",
-            category="multilora/sampling", description=DESCRIPTION,
-            inputs=stack_sampler_inputs(*region_inputs()),
-            outputs=[io.Latent.Output(tooltip="The denoised latent.")],
+            category="multilora/sampling",
+            description=DESCRIPTION + " Rows without a mask can get one from the attention of their concept word "
+                                      "(mask_from 'concept attention').",
+            inputs=stack_sampler_inputs(*region_inputs(), *auto_inputs()),
+            outputs=[io.Latent.Output(tooltip="The denoised latent."),
+                     AttentionMapsType.Output(display_name="region_maps",
+                                              tooltip="The regions in use at each step (first image) for CLoRA Mask "
+                                                      "Preview: automatic masks as they were found, or the connected "
+                                                      "masks.")],
         )
 
     @classmethod
     @checked
     def execute(cls, model, lora_stack, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
-                denoise, feather: float = 0.0, text_tokens: str = TEXT_ALL, **masks) -> io.NodeOutput:
+                denoise, feather: float = 0.0, text_tokens: str = TEXT_ALL, clip=None, prompt: str = "",
+                mask_from: str = MASKS_DRAWN, auto_steps: int = 3, refresh_every: int = 0,
+                mask_threshold: float = 0.4, **masks) -> io.NodeOutput:
         node = "KSampler (Regional LoRA)"
         rows = require_active(lora_stack, node)
         latent_size = tuple(int(s) for s in latent_image["samples"].shape[-2:])
         for note in check_masks(rows, masks_of(masks), node, latent_size, feather):
             log.warning("%s: %s", node, note)
-        patched = regional_model(model, rows, masks_of(masks), node, feather, text_tokens)
-        return io.NodeOutput(ksample(patched, seed, steps, cfg, sampler_name, scheduler, positive, negative,
-                                     latent_image, denoise))
+        if mask_from == MASKS_DRAWN:
+            patched = regional_model(model, rows, masks_of(masks), node, feather, text_tokens)
+            record = drawn_record(rows, masks_of(masks), latent_size, node, feather)
+        else:
+            patched, auto = auto_regional_model(model, rows, masks_of(masks), node, clip, prompt,
+                                                AutoMaskPhases(auto_steps, refresh_every), mask_threshold, feather,
+                                                text_tokens, positive)
+            record = auto.record
+        latent = ksample(patched, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise)
+        return io.NodeOutput(latent, record)
 
 
 NODES = [RegionalLoraModel, RegionalLoraSampler]

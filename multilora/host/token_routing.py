@@ -85,18 +85,35 @@ class TokenRouter:
 
     def key(self) -> tuple:
         """What the weights' Python control flow depends on (joins a CUDA graph's signature)."""
-        return ("tokens", id(self), self._latent, self._text_tokens, self.text_policy)
+        layout = (tuple(self.plan.maps.shape), self.plan.regional) if self.plan is not None else ()
+        return ("tokens", id(self), self._latent, self._text_tokens, self.text_policy, layout)
 
-    def set_maps(self, maps: torch.Tensor) -> None:
+    def set_maps(self, maps: torch.Tensor, regional: tuple[bool, ...] | None = None,
+                 latent: tuple[int, int] | None = None) -> None:
         """New region maps for the current latent size (masks found or refreshed during sampling), copied into the
-        device buffers a replayed graph reads."""
-        current = self.plan_for(self._latent)
-        if tuple(maps.shape) != tuple(current.maps.shape):
+        device buffers a replayed graph reads. ``regional``: which rows now have a region (automatic masks); a new
+        batch size or ``regional`` makes a new plan instead (its layout is part of ``key``, so graphs re-capture).
+        ``latent``: the (H, W) whose maps these are, when not the current call's."""
+        latent = self._latent if latent is None else (int(latent[0]), int(latent[1]))
+        current = self.plan_for(latent)
+        regional = current.regional if regional is None else tuple(bool(r) for r in regional)
+        if maps.shape[1:] != current.maps.shape[1:] or len(regional) != maps.shape[1]:
             raise RegionError(f"{self.node}: new region maps {tuple(maps.shape)} do not match {tuple(current.maps.shape)}")
+        self._cache = {}
+        if tuple(maps.shape) != tuple(current.maps.shape) or regional != current.regional:
+            plan = self._plans[latent] = RegionPlan(maps.detach().float().cpu().clone(), regional)
+            self._device_maps = {key: b for key, b in self._device_maps.items() if key[0] != latent}
+            if self.plan is current:
+                self.plan = plan
+            return
         current.maps.copy_(maps)
-        for (latent, _, _), buffer in self._device_maps.items():
-            if latent == self._latent:
+        for (size, _, _), buffer in self._device_maps.items():
+            if size == latent:
                 buffer.copy_(maps)
+
+    def reset_maps(self) -> None:
+        """Back to the masks given at construction (a new sampling run of automatic masks)."""
+        self._plans, self._device_maps, self._cache, self.plan = {}, {}, {}, None
 
     def begin_call(self, x: torch.Tensor, context: torch.Tensor | None) -> None:
         """Start a model call on latent ``x`` ([B, C, H, W]) with text ``context`` ([B, T, C])."""

@@ -46,6 +46,12 @@ def regional_model(model, rows: Sequence[LoraRow], masks: Sequence[torch.Tensor 
                    feather: float = 0.0, text_tokens: str = TEXT_ALL):
     """A clone of ``model`` that samples with ``rows`` routed per token by ``masks`` (one per row, None =
     everywhere; any resolution, resized to each call's latent)."""
+    return clone_with_engine(model, regional_engine(model, rows, masks, node, feather, text_tokens))
+
+
+def regional_engine(model, rows: Sequence[LoraRow], masks: Sequence[torch.Tensor | None], node: str,
+                    feather: float = 0.0, text_tokens: str = TEXT_ALL):
+    """The engine of ``regional_model`` with its TokenRouter, not yet installed on a clone."""
     if text_tokens not in TEXT_POLICIES:
         raise RegionError(f"{node}: text_tokens must be one of {list(TEXT_POLICIES)}, got {text_tokens!r}.")
     diffusion_model = model.model.diffusion_model
@@ -55,4 +61,4 @@ def regional_model(model, rows: Sequence[LoraRow], masks: Sequence[torch.Tensor 
     engine = build_engine(model, rows, node)
     roles = token_roles(diffusion_model, engine.layers.keys(), node)
     engine.token_router = TokenRouter(masks, roles, family, text_tokens, feather, [r.name for r in rows], node)
-    return clone_with_engine(model, engine)
+    return engine
