@@ -208,7 +208,7 @@ def all_cases(comfy_state, good_lora):
 def test_the_table_covers_every_input_of_every_node(comfy_state, w):
     covered = {(node_id, name) for node_id, name, *_ in all_cases(comfy_state, w.good[0])}
     every = {(node_id, name) for node_id, cls in pack_nodes(comfy_state).items() for name, *_ in declared(cls)}
-    assert len(pack_nodes(comfy_state)) == 11 and every == covered
+    assert len(pack_nodes(comfy_state)) >= 11 and every == covered
     assert {("MultiLoRAStack", f"{f}_{n}") for f in ROW_FIELDS for n in range(1, 11)} <= covered
 
 
