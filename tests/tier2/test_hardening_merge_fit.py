@@ -2,11 +2,17 @@
 with the message the on-the-fly methods give, unless 'unfit_lora' asks for core's behaviour (ComfyUI's loader only
 logs "lora key not loaded" and skips layers whose shapes do not match).
 """
+import copy
+import json
+import os
+
 import pytest
 import torch
 
 import nodes
 from support import hardening, lora_files, tiny_models
+from support.pack_loader import REPO_ROOT
+from support.workflow_api import ui_to_api
 from support.executor import CAPTURED, PromptFailed, run_prompt
 from support.hardening import (base_sample, counted, errors, fails_before_sampling,  # noqa: F401
                                forget_dead_loaded_models, refresh, w)
@@ -133,3 +139,16 @@ def test_through_the_executor_before_sampling_and_saved_prompts_without_the_inpu
         assert counter.calls > 0 and torch.isfinite(CAPTURED["fit"]["samples"]).all()
     finally:
         hardening.INPUTS.pop("fit", None)
+
+
+def test_workflow_saved_before_unfit_lora_existed_loads_with_error():
+    """As the frontend loads it: the missing widget value gets the input's default."""
+    with open(os.path.join(REPO_ROOT, "example_workflows", "multilora_merge.json"), encoding="utf-8") as f:
+        workflow = json.load(f)
+    old = copy.deepcopy(workflow)
+    node = next(n for n in old["nodes"] if n["type"] == "MultiLoRAApplyStack")
+    assert node["widgets_values"] == ["error"]
+    node["widgets_values"] = []
+    for saved in (workflow, old):
+        prompt = ui_to_api(saved)
+        assert prompt[str(node["id"])]["inputs"]["unfit_lora"] == "error"

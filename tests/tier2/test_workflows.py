@@ -335,7 +335,7 @@ def test_ui_to_api_maps_widgets_in_frontend_order():
         "lora": "demo_style.safetensors", "on": True, "strength_model": 0.8, "strength_clip": 0.8,
         "category": "style", "concept": "oil painting"}
     assert stack["lora_10"] == "None"
-    assert prompt[by_type["MultiLoRAApplyStack"]]["inputs"] == {  # saved before 'unfit_lora' existed: its default
+    assert prompt[by_type["MultiLoRAApplyStack"]]["inputs"] == {
         "lora_stack": [by_type["MultiLoRAStack"], 0], "clip": [by_type["CheckpointLoaderSimple"], 1],
         "unfit_lora": "error"}
 
