@@ -1,8 +1,9 @@
 """CUDA-graph replay of the UNet forward (multilora/host/cuda_graphs.py) equals the eager path.
 
-CI has no GPU, so the graph backend is the CPU stand-in of ``support.graph_replay`` (capture = run the
-body, replay = run it again into the same static output): what is checked here is everything around the
-graph — inputs copied into the static buffers on every call, a clone returned, one capture per call
+CI has no GPU, so the graph backend is the CPU stand-in of ``support.graph_replay``: capture traces the
+body into an aten graph whose Python control flow is frozen, replay runs it on the same static buffers and
+weights, as a CUDA graph does (so a replay of a stale capture gives a wrong result, tested below). What is
+checked here is everything around the graph — inputs copied into the static buffers on every call, a clone returned, one capture per call
 signature, routing and in-place merged weights (LoRA Switch) picked up by later replays, calls that must
 stay eager (patches, other wrappers, autograd, a failing capture), Cancel during capture, and nothing left
 behind after the run. Results must be bit-identical to the same method with graphs off (same ops on the
@@ -19,7 +20,7 @@ import comfy.model_management
 import comfy.patcher_extension
 import comfy.sample
 from support import lora_files, tiny_models
-from support.graph_replay import ReplayByRerun
+from support.graph_replay import ReplayByRerun, ReplayByTrace
 
 STEPS = 6
 
@@ -64,7 +65,7 @@ def run(model, kind, positive=None, negative=None, batch=1):
 
 def graphed_and_eager(make, kind, **kwargs):
     graphed_model, eager_model = make(), make()
-    backend = ReplayByRerun()
+    backend = ReplayByTrace()
     wrapper = with_backend(graphed_model, backend)
     with_backend(eager_model, ReplayByRerun(), enabled=False)
     return run(graphed_model, kind, **kwargs), run(eager_model, kind, **kwargs), wrapper, backend
@@ -203,3 +204,44 @@ def test_cpu_tensors_are_never_graphed(ml, world):
     assert wrapper.backend.available(torch.zeros(1)) is False
     run(clone, "sd15")
     assert wrapper.captures == 0 and wrapper.replays == 0
+
+
+class AlternatingLoras:
+    """Routing: LoRA 0 alone on even steps, LoRA 1 alone on odd steps (never merged: the vector changes)."""
+
+    def __init__(self, routing):
+        self.routing = routing
+
+    def chunk_weights(self, cond_or_uncond, transformer_options):
+        sigma = float(transformer_options["sigmas"][0])
+        step = self.routing.step_index(sigma, [float(s) for s in transformer_options["sample_sigmas"]])
+        return [(1.0, 0.0) if step % 2 == 0 else (0.0, 1.0)] * len(cond_or_uncond)
+
+
+@pytest.mark.parametrize("stale", [False, True])
+def test_a_stale_capture_is_caught_by_the_trace_backend(comfy_state, ml, monkeypatch, stale):
+    """LoRA 0 patches only attention layers, LoRA 1 only feed-forward ones, and the routing alternates them: which
+    layers' hooks act is Python control flow, so it belongs in the graph signature. With the signature's routing
+    part removed (``stale``), one graph captured for LoRA 0's layers is replayed for LoRA 1: wrong, and the
+    trace backend shows it; the re-running backend would not."""
+    model = tiny_models.build_tiny("sd15", seed=0)
+    names = [f"cg_stale_{t}.safetensors" for t in ("attn", "ff")]
+    for name, targets, seed in zip(names, ("attn", "ff"), (51, 52)):
+        lora_files.write_lora(model, f"{comfy_state['loras_dir']}/{name}", "kohya", seed=seed, targets=targets)
+    import folder_paths
+    folder_paths.filename_list_cache.clear()
+    engine_mod, routing = ml("host.engine"), AlternatingLoras(ml("core.routing"))
+    if stale:
+        monkeypatch.setattr(ml("host.onthefly").OnTheFlyLoras, "graph_routing_key", lambda self, subset=None: ("x",))
+
+    def make():
+        return engine_mod.clone_with_engine(model, engine_mod.build_engine(model, rows(ml, names), "test", routing))
+    graphed, eager, wrapper, backend = graphed_and_eager(make, "sd15")
+    assert wrapper.replays >= STEPS - 2
+    if stale:
+        assert backend.captures == 1 and (graphed - eager).abs().max() > 1e-3
+        rerun_model = make()
+        with_backend(rerun_model, ReplayByRerun())
+        assert torch.equal(run(rerun_model, "sd15"), eager)  # why the trace backend is the one used above
+    else:
+        assert backend.captures == 2 and torch.equal(graphed, eager)
