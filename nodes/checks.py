@@ -14,11 +14,20 @@ from __future__ import annotations
 
 import functools
 import sys
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from ..multilora.core.errors import InputError
-from ..multilora.core.input_checks import (BOOLEAN, CHOICE, NUMBER, WHOLE_NUMBER, InputSpec, RefusedValue,
-                                           check_inputs, check_value)
+from ..multilora.core.input_checks import (
+    BOOLEAN,
+    CHOICE,
+    NUMBER,
+    WHOLE_NUMBER,
+    InputSpec,
+    RefusedValue,
+    check_inputs,
+    check_value,
+)
 
 WIDGETS_READ = (WHOLE_NUMBER, NUMBER, BOOLEAN, CHOICE)
 _INSTALLED: set[int] = set()

@@ -14,8 +14,9 @@ its conversion to bool/int/float raises the InputError. Pure module: no ComfyUI 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -184,7 +185,7 @@ class RefusedValue(str):
 
     error: InputError
 
-    def __new__(cls, value: Any, error: InputError) -> "RefusedValue":
+    def __new__(cls, value: Any, error: InputError) -> RefusedValue:
         made = super().__new__(cls, repr(value) if not isinstance(value, str) else value)
         made.error = error
         return made

@@ -22,14 +22,14 @@ import types
 
 import pytest
 import torch
-
-import nodes
+from support import tiny_models
 from support.executor import CAPTURED, PromptFailed, capture, run_prompt
 from support.hardening import counted, errors, forget_dead_loaded_models, w  # noqa: F401
-from support import tiny_models
+
+import nodes
 
 ROW_FIELDS = ("lora", "on", "strength_model", "strength_clip", "category", "concept", "trigger")
-ROW_INPUT = re.compile(r"^(%s)_(\d+)$" % "|".join(ROW_FIELDS))
+ROW_INPUT = re.compile(rf"^({'|'.join(ROW_FIELDS)})_(\d+)$")
 PROMPT = "a photo of a cat and a dog in a park"
 LINKS = {"MODEL": ["in", 0], "CLIP": ["in", 1], "LATENT": ["in", 4], "VAE": ["in", 5], "IMAGE": ["in", 6],
          "MULTILORA_ATTENTION": ["in", 7], "MULTILORA_STACK": ["s", 0]}
@@ -159,8 +159,9 @@ def cases_for(node_id, node_class, good_lora):
         elif kind == "COMBO" and row and row.group(1) == "lora":
             cases = [(5, f"{node}: {label} must be text, got 5 (int). Send a name from its list.", True),
                      (None, f"{node}: {label} must be text, got None (NoneType). Send a name from its list.", True),
-                     ("bogus.safetensors", f"{node}: row {row.group(2)}: LoRA file 'bogus.safetensors' was not found "
-                      "in the loras folder. Check the file name or refresh the node list (press R in the UI).", True)]
+                     ("bogus.safetensors", (f"{node}: row {row.group(2)}: LoRA file 'bogus.safetensors' was not found "
+                                            "in the loras folder. Check the file name or refresh the node list (press R "
+                                            "in the UI)."), True)]
         elif kind == "COMBO":
             listed = options_text(options)
             cases = [(5, f"{node}: {label} must be text, got 5 (int). Send one of: {listed}.", True),
@@ -193,7 +194,7 @@ def base_prompt(node_id, node_class, good_lora):
             "t": {"class_type": node_id, "inputs": inputs}, "c": capture(["t", 0], "api_values")}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _all_cases(good_lora):
     from support.comfy_boot import boot
     state = boot()

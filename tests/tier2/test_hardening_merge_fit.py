@@ -8,14 +8,21 @@ import os
 
 import pytest
 import torch
-
-import nodes
 from support import hardening, lora_files, tiny_models
+from support.executor import CAPTURED, PromptFailed, run_prompt
+from support.hardening import (  # noqa: F401
+    base_sample,
+    counted,
+    errors,
+    fails_before_sampling,
+    forget_dead_loaded_models,
+    refresh,
+    w,
+)
 from support.pack_loader import REPO_ROOT
 from support.workflow_api import ui_to_api
-from support.executor import CAPTURED, PromptFailed, run_prompt
-from support.hardening import (base_sample, counted, errors, fails_before_sampling,  # noqa: F401
-                               forget_dead_loaded_models, refresh, w)
+
+import nodes
 
 APPLY = "Apply LoRA Stack"
 IGNORE = "ignore like ComfyUI"
@@ -104,7 +111,7 @@ def test_text_encoder_only_lora_is_not_an_unfit_lora(w):
     lora_files.write_te_lora(w.clip, w.path(name), seed=8)
     refresh()
     model, clip = apply(lora_stack=w.stack([name]), model=w.model, clip=w.clip)
-    core_model, core_clip = core_merge(w, name, 0.8)
+    _, core_clip = core_merge(w, name, 0.8)
     assert model.patches == {} and sorted(clip.patcher.patches) == sorted(core_clip.patcher.patches) != []
     w.assert_clean()
 
