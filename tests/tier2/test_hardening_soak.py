@@ -105,7 +105,7 @@ def _prompt(method, names, seed, key="hard"):
         node = {"switch": "MultiLoRASwitchSampler", "composite": "MultiLoRACompositeSampler",
                 "cmlora": "MultiLoRACMLoRASampler"}[method]
         extra = {"switch": dict(switch_every=1), "composite": dict(weighting="uniform"),
-                 "cmlora": dict(cache=True, stage_switch=0.55, ordering="stack categories")}[method]
+                 "cmlora": dict(cache="on", stage_switch=0.55, ordering="stack categories")}[method]
         prompt["k"] = sampler_node(node, ["s", 0], **common, **extra)
     return prompt
 

@@ -118,7 +118,7 @@ def test_seventeen_rows_from_two_chained_stack_nodes_through_the_executor(w, ml)
         "s2": {"class_type": "MultiLoRAStack", "inputs": {**stack_rows(names[10:]), "lora_stack": ["s1", 0]}},
         "comp": sampler_node("MultiLoRACompositeSampler", ["s2", 0], weighting="uniform"),
         "sw": sampler_node("MultiLoRASwitchSampler", ["s2", 0], switch_every=1, steps=3),
-        "cml": sampler_node("MultiLoRACMLoRASampler", ["s2", 0], cache=True, stage_switch=0.55,
+        "cml": sampler_node("MultiLoRACMLoRASampler", ["s2", 0], cache="on", stage_switch=0.55,
                              ordering="stack categories"),
         "c0": capture(["s2", 0], "many_stack"), "c1": capture(["comp", 0], "many_comp"),
         "c2": capture(["sw", 0], "many_sw"), "c3": capture(["cml", 0], "many_cml"),
@@ -140,7 +140,7 @@ def test_strengths_zero_negative_and_huge(w, ml, method):
     s = ml("core.stack")
     rows = lambda *st: s.LoraStack(tuple(s.LoraRow(n, v, category=c) for n, v, c in
                                          zip(w.good, st, ("character", "background", "style"))))
-    no_cache = dict(cache=False) if method == "cmlora" else {}  # the cache's stale deep features are not exact
+    no_cache = dict(cache="off") if method == "cmlora" else {}  # the cache's stale deep features are not exact
     zero = samples_of(w, method, stack=rows(0.0, 0.0), **no_cache)
     plain = sample(w.model)
     torch.testing.assert_close(zero, plain, atol=RUN_TOL, rtol=RUN_TOL)  # strength 0 = the LoRA is not there
@@ -170,10 +170,10 @@ def test_one_row_is_that_lora_alone(w, ml, method):
     s, engine = ml("core.stack"), ml("host.engine")
     row = s.LoraRow(w.good[1], 0.9, category="background")
     alone = sample(engine.clone_with_engine(w.model, engine.build_engine(w.model, (row,), "t")))
-    exact = dict(cache=False) if method == "cmlora" else {}  # the cache reuses stale deep features by design
+    exact = dict(cache="off") if method == "cmlora" else {}  # the cache reuses stale deep features by design
     torch.testing.assert_close(samples_of(w, method, stack=s.LoraStack((row,)), **exact), alone, atol=RUN_TOL, rtol=RUN_TOL)
     if method == "cmlora":
-        assert torch.isfinite(samples_of(w, method, stack=s.LoraStack((row,)), cache=True)).all()
+        assert torch.isfinite(samples_of(w, method, stack=s.LoraStack((row,)), cache="on")).all()
     w.assert_clean()
 
 
@@ -216,7 +216,7 @@ def test_duplicated_lora_in_the_stack(w, ml):
     torch.testing.assert_close(base_sample(twice), base_sample(double), atol=RUN_TOL, rtol=RUN_TOL)
     assert (base_sample(double) - w.fresh).abs().max() > 1e-2
     for method in ("switch", "composite", "cmlora"):
-        exact = dict(cache=False) if method == "cmlora" else {}  # the feature cache's staleness depends on k
+        exact = dict(cache="off") if method == "cmlora" else {}  # the feature cache's staleness depends on k
         pair = samples_of(w, method, stack=s.LoraStack(rows(0.8, 0.8)), **exact)
         single = samples_of(w, method, stack=s.LoraStack(rows(0.8)), **exact)
         torch.testing.assert_close(pair, single, atol=RUN_TOL, rtol=RUN_TOL)
