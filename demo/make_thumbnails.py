@@ -43,6 +43,7 @@ CARDS = {
     "multilora_clora_two_subjects": ("CLoRA", "contrastive attention masks", "clora"),
     "multilora_clora_subject_style": ("CLoRA + style", "masked subjects, style everywhere", "clora"),
     "multilora_compare": ("Compare methods", "one stack and seed, a tile per method", "compare"),
+    "multilora_regional_sdxl": ("Regional LoRA", "each subject LoRA in its mask, one pass", "regional"),
 }
 COMPARE_METHODS = (("Merge", "merge"), ("LoRA Switch", "switch"), ("LoRA Composite", "composite"),
                    ("CLoRA", "clora"), ("CMLoRA", "cmlora"))
@@ -83,6 +84,8 @@ def weights(kind: str, rows: list[dict], switch_every: int = 5) -> tuple[list[li
                 for i in range(STEPS)], set()
     if kind == "composite":
         return [[1.0 / k] * k for _ in range(STEPS)], set()
+    if kind == "regional":
+        return [[1.0] * k for _ in range(STEPS)], set()
     if kind == "cmlora":
         plan = load_pure("core.cmlora_schedule").cmlora_plan(STEPS, [r["category"] for r in rows])
         top = max(max(p.weights) for p in plan)
@@ -156,14 +159,14 @@ def card(name: str, workflow: dict) -> Image.Image:
         draw.text((SIZE - 20, SIZE - 42), f"steps 1-{STEPS}", font=font(13), fill=MUTED, anchor="rm")
         draw.text((20, SIZE - 30), "multilora-composition", font=font(14), fill=MUTED)
         return image
-    top = 100 if kind == "clora" else 124
-    if kind == "clora":
+    top = 100 if kind in ("clora", "regional") else 124
+    if kind in ("clora", "regional"):
         draw_masks(draw, rows, (20, top, SIZE - 20, top + 110))
         top += 126
     grid_x, cell_gap = 112, 2
     cell = (SIZE - 20 - grid_x) // STEPS
     per_step, marked = weights(kind, rows)
-    row_height = 40 if kind != "clora" else 24
+    row_height = 40 if kind not in ("clora", "regional") else 24
     for j, row in enumerate(rows):
         y = top + 16 + j * (row_height + 6)
         colour = CATEGORY_COLOURS[row["category"]]

@@ -39,7 +39,10 @@ COMPARE_WORKFLOW = "multilora_compare.json"
 COMPARE_TABLE_ROWS = {"merge": "Merge", "lora_switch": "LoRA Switch", "lora_composite": "LoRA Composite",
                       "clora": "CLoRA", "cmlora": "CMLoRA"}
 """The Compare node's run_* toggles and the method names its table and grid labels use."""
-EXPECTED = set(METHOD_WORKFLOWS) | set(CLORA_WORKFLOWS) | {COMPARE_WORKFLOW}
+REGIONAL_WORKFLOWS = ("multilora_regional_sdxl.json",)
+"""KSampler (Regional LoRA): two subject rows with left/right masks made by core SolidMask + MaskComposite, a style
+row without a mask."""
+EXPECTED = set(METHOD_WORKFLOWS) | set(CLORA_WORKFLOWS) | {COMPARE_WORKFLOW} | set(REGIONAL_WORKFLOWS)
 TEST_SIZE = 64
 TEST_STEPS = 4
 TEST_REFINE_ITERS = 2
@@ -394,3 +397,18 @@ def test_ui_to_api_fills_defaults_for_widgets_missing_from_an_older_save():
     sampler["widgets_values"] = sampler["widgets_values"] + ["uniform", "extra"]
     with pytest.raises(WorkflowError, match="widget values"):
         ui_to_api(workflow)
+
+
+def test_regional_workflow_gives_each_subject_its_half():
+    prompt = ui_to_api(load(os.path.join(WORKFLOWS_DIR, REGIONAL_WORKFLOWS[0])))
+    sampler = prompt[sampler_id(prompt)]
+    assert sampler["class_type"] == "MultiLoRARegionalSampler"
+    regions = {}
+    for slot in ("mask_1", "mask_2"):
+        composite = prompt[sampler["inputs"][slot][0]]
+        assert composite["class_type"] == "MaskComposite" and composite["inputs"]["operation"] == "add"
+        source = prompt[composite["inputs"]["source"][0]]["inputs"]
+        regions[slot] = (composite["inputs"]["x"], source["width"], source["value"])
+    assert regions == {"mask_1": (0, 512, 1.0), "mask_2": (512, 512, 1.0)}
+    stack = next(n for n in prompt.values() if n["class_type"] == "MultiLoRAStack")["inputs"]
+    assert stack["category_3"] == "style" and "mask_3" not in sampler["inputs"]
