@@ -23,14 +23,13 @@ import contextlib
 from dataclasses import dataclass
 from typing import Sequence
 
-import torch
-
 import comfy.model_management
 import comfy.model_patcher
 import comfy.patcher_extension
 import comfy.sample
 import comfy.samplers
 import comfy.utils
+import torch
 
 from ..core.clora_masks import check_threshold, fuse_with_masks, masks_from_maps
 from ..core.contrastive import concept_contrastive_loss, normalize_maps
@@ -42,11 +41,10 @@ from ..host.attention_capture import (ConceptAttention, CrossAttentionRequired, 
 from ..host.engine import build_engine
 from ..host.feature_cache import CheckpointedUNet
 from ..host.onthefly import ROUTING_KEY, OnTheFlyLoras
-from .clora_gradient import _shares_memory, gradient_ready  # noqa: F401  (looked up here: tests swap them)
-from .clora_prompts import NODE, Variant, build_variants, encode, routing_table, split_rows  # noqa: F401
-from .clora_sampler import clora_sampler, refine_steps  # noqa: F401
-from .clora_settings import (HALVES_BOTH, MASK_OWN, CloraRecord, CloraSettings,  # noqa: F401
-                             check_variant_settings)
+from .clora_gradient import gradient_ready  # looked up here at each pass: benchmarks swap it
+from .clora_prompts import NODE, Variant, build_variants, encode, routing_table, split_rows  # noqa: F401 (re-exported)
+from .clora_sampler import clora_sampler, refine_steps  # noqa: F401 (re-exported)
+from .clora_settings import HALVES_BOTH, MASK_OWN, CloraRecord, CloraSettings, check_variant_settings
 
 CHECKPOINT_KEY = "multilora.gradient_checkpointing"
 STOP_KEY = "multilora.clora_stop_after_capture"

@@ -60,7 +60,7 @@ class CloraSettings:
     attention_halves: str = HALVES_COND
 
     @classmethod
-    def for_variant(cls, variant: str, node: str = "CLoRA", **values) -> "CloraSettings":
+    def for_variant(cls, variant: str, node: str = "CLoRA", **values) -> CloraSettings:
         """Settings of ``variant``: "pack" / "authors' code" set the three differing fields (whatever
         ``values`` says for them), "custom" takes them from ``values``."""
         if variant not in VARIANT_NAMES:
@@ -96,7 +96,7 @@ class CloraRecord:
     losses: list[float] = field(default_factory=list)
     final_masks: torch.Tensor | None = None
 
-    def to_cpu(self) -> "CloraRecord":
+    def to_cpu(self) -> CloraRecord:
         """Move the stored maps and masks to the CPU (the guider keeps them on the device while sampling)."""
         self.steps = [[m.cpu() for m in step] for step in self.steps]
         if self.final_masks is not None:

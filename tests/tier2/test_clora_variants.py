@@ -4,14 +4,12 @@ ComfyUI on the tiny SD1.5 model.
 
 Each setting is checked for what it must change and for what it must leave alone: runs that differ only in
 that setting agree bit for bit where the setting has no effect (no update, or λ = 0 full masks)."""
-import pytest
-import torch
-
 import comfy.patcher_extension
 import comfy.sample
 import comfy.samplers
 import folder_paths
-import nodes
+import pytest
+import torch
 from support import lora_files, tiny_models
 
 PROMPT = "a photo of a cat and a dog in a park"
@@ -32,7 +30,7 @@ def world(comfy_state, ml):
 
 
 def settings(ml, **kw):
-    base = dict(cfg=CFG, refine_iters=2)
+    base = {"cfg": CFG, "refine_iters": 2}
     base.update(kw)
     return ml("methods.clora").CloraSettings(**base)
 
@@ -224,7 +222,7 @@ def test_attention_halves_averages_the_cond_and_uncond_maps(ml, world):
             torch.testing.assert_close(got_both[g][v], ((c + u) / 2)[:, offset:offset + n], atol=0, rtol=0)
             torch.testing.assert_close(got_cond[g][v], c[:, offset:offset + n], atol=0, rtol=0)
             offset += n
-    no_update = dict(opt_until=0.0, mask_threshold=0.0)  # maps unused: the predictions alone make the result
+    no_update = {"opt_until": 0.0, "mask_threshold": 0.0}  # maps unused: the predictions alone make the result
     torch.testing.assert_close(sample(ml, world, settings(ml, attention_halves="cond and uncond", **no_update))[0],
                                sample(ml, world, settings(ml, **no_update))[0], atol=0, rtol=0)
     _, _, with_uncond = sample(ml, world, settings(ml, opt_until=0.2, attention_halves="cond and uncond"))
