@@ -328,7 +328,7 @@ def test_ui_to_api_maps_widgets_in_frontend_order():
     sampler = prompt[by_type["MultiLoRASwitchSampler"]]["inputs"]
     assert sampler == {  # the saved "fixed" after the seed is the frontend's control widget, not sent
         "seed": 42, "steps": 20, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0,
-        "switch_every": 5, "model": [by_type["CheckpointLoaderSimple"], 0], "lora_stack": [by_type["MultiLoRAStack"], 0],
+        "switch_every": 5, "schedule": "⌊i/τ⌋ mod k", "model": [by_type["CheckpointLoaderSimple"], 0], "lora_stack": [by_type["MultiLoRAStack"], 0],
         "positive": [sampler["positive"][0], 0], "negative": [sampler["negative"][0], 0],
         "latent_image": [by_type["EmptyLatentImage"], 0],
     }
@@ -352,7 +352,8 @@ def test_ui_to_api_maps_clora_widgets_in_frontend_order():
         "negative_prompt": "blurry, low quality, deformed, watermark, text",
         "seed": 42, "steps": 20, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0,
         "mask_threshold": 0.4, "temperature": 0.5, "step_size": 20.0, "opt_until": 0.5, "refine_iters": 20,
-        "gradient_checkpointing": False,
+        "gradient_checkpointing": False, "variant": "pack", "mask_source": "union of variants",
+        "recompute_after_update": True, "attention_halves": "cond",
         "model": [by_type["CheckpointLoaderSimple"], 0], "clip": [by_type["CheckpointLoaderSimple"], 1],
         "lora_stack": [by_type["MultiLoRAStack"], 0], "latent_image": [by_type["EmptyLatentImage"], 0],
     }
