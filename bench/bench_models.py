@@ -1,4 +1,4 @@
-"""Full-size random-weight UNets and realistic random LoRAs for the GPU benchmark (BENCH.md protocol).
+"""Full-size random-weight UNets and realistic random LoRAs for the GPU benchmark (docs/benchmarking.md protocol).
 
 SD1.5 and SDXL UNets are built inside ComfyUI from their real configs with N(0, 1/fan_in) fp16 weights
 (timing does not depend on weight values); LoRAs are kohya rank-16 files on attention q/k/v/out,

@@ -1,4 +1,4 @@
-"""What bounds the targets the benchmark misses (issue 6): two measurements on the GPU, one run.
+"""What bounds the targets the benchmark misses: two measurements on the GPU, one run.
 
 1. CMLoRA's feature cache saves only the deep part of the UNet: per call, the shallow path (first-level input
    and output blocks + out, ``feature_cache.split_forward`` with no deep rows) against the full UNet, both

@@ -1,4 +1,4 @@
-"""CLoRA timing for the GPU benchmark: k concept LoRAs, random variant conds, SPEC defaults (50 steps).
+"""CLoRA timing for the GPU benchmark: k concept LoRAs, random variant conds, the node's defaults (50 steps).
 
 Used by ``run_bench.py --clora``; ``--profile`` adds one image with per-phase timers and one under
 torch.profiler (top ops written next to the results).
@@ -45,7 +45,7 @@ def profile_to(folder: str, name: str):
 
 
 def run_clora(kind, ml, steps, repeats, ks, folder, partial=None, profile_dir=None):
-    """CLoRA with k concept LoRAs, random variant conds (token positions fixed), SPEC defaults."""
+    """CLoRA with k concept LoRAs, random variant conds (token positions fixed), the node's defaults."""
     import torch
     import comfy.model_management
     import comfy.sample

@@ -1,4 +1,4 @@
-"""CPU-side cost of one CLoRA gradient pass and one fused step (tracker issue #6): a proxy, not a GPU timing.
+"""CPU-side cost of one CLoRA gradient pass and one fused step: a proxy, not a GPU timing.
 
 On the GPU the CLoRA run is launch/CPU bound, so what matters is how much host work (ops dispatched, Python,
 copies) one ``CloraGuider.update_latent`` iteration and one ``predict_noise`` step cost. This script builds a
@@ -6,7 +6,7 @@ UNet with the full SD1.5 block layout but narrow channels (``--channels``, 32 in
 width (``--context``, 64 instead of 768) and a small latent, so arithmetic is cheap and the dispatch overhead
 dominates as it does on the H200. The model is built and run under ``torch.inference_mode`` like ComfyUI's
 executor (weights are inference tensors). Two random kohya rank-16 LoRAs on every transformer layer, three
-variants (base + 2 concepts), SPEC defaults.
+variants (base + 2 concepts), the node's defaults (docs/algorithms.md §3).
 
 Reports, over ``--repeats`` passes (one update iteration: forward + backward of the 3 conditional variants;
 one fused 6-branch step), the median and minimum wall time and the median process CPU time, and, from one pass

@@ -1,4 +1,4 @@
-"""GPU benchmark (BENCH.md): every method of the pack against ComfyUI's merged-LoRA KSampler, one run.
+"""GPU benchmark (docs/benchmarking.md): every method of the pack against ComfyUI's merged-LoRA KSampler, one run.
 
 Builds full-size SD1.5 (512²) and/or SDXL (1024²) UNets inside ComfyUI from their configs with random fp16
 weights, writes random kohya LoRAs of realistic shape (rank 16 on attn q/k/v/out, feed-forward and

@@ -127,7 +127,14 @@ def testbed_demo(args: argparse.Namespace) -> tuple[list[Column], dict[str, list
     import world
 
     weights = args.testbed_weights or comfy_model.WEIGHTS
-    folder_paths.add_model_folder_path("loras", os.path.join(weights, "loras"), is_default=True)
+    loras = os.path.join(weights, "loras")
+    needed = sorted({c for cats in DEMO_SETS for c in cats})
+    missing = [name for name in map(eval_core.lora_name, needed) if not os.path.isfile(os.path.join(loras, name))]
+    if missing and set(args.methods) - {"none"}:
+        raise SystemExit(f"make demo: the testbed's concept LoRAs {', '.join(missing)} are not in {loras}. The "
+                         "testbed's own README (testbed/README.md, 'State') says how they are trained; until then "
+                         "only --methods none runs.")
+    folder_paths.add_model_folder_path("loras", loras, is_default=True)
     model, clip = comfy_model.load_testbed(weights)
     net = detector_lib.load_detector(os.path.join(weights, "detector.safetensors"), model.load_device)
     stack = ml("core.stack")

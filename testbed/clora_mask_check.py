@@ -1,4 +1,4 @@
-"""Do CLoRA's masks land on their objects on the trained testbed, and could they? (CPU; issue 9 follow-up)
+"""Do CLoRA's masks land on their objects on the trained testbed, and could they? (CPU)
 
     python testbed/clora_mask_check.py [--scenes 8] [--clora-seeds 4] [--parts render sample clora clora16] [--json F]
 
@@ -6,9 +6,9 @@ world.py fixes where objects are (left slot centred at x = 9, right at x = 23, y
 ±1.5 px). Ground truth per object: ``half`` (its slot's half; a uniform map puts 0.5 of its mass there) and
 ``object`` (its pixels: exact for renders — the scene minus the same scene without it — and world.py's shape at the
 slot centre, r = 5.75, for generated images). Map metrics: ``mass_half`` / ``mass_obj`` = fraction of a map's
-mass (probabilities summed over the word's tokens, nearest-upsampled) in the region; mask metrics for the SPEC
-§3.6 mask (per-token min-max, [A ≥ 0.4·max A], union over tokens): ``area`` (fraction of the image),
-``mask_half`` (fraction of the mask in the true half) and ``iou_obj``. Each row averages objects × images × σ.
+mass (probabilities summed over the word's tokens, nearest-upsampled) in the region; mask metrics for CLoRA's
+mask (docs/algorithms.md §3.6: per-token min-max, [A ≥ 0.4·max A], union over tokens): ``area`` (fraction of
+the image), ``mask_half`` (fraction of the mask in the true half) and ``iou_obj``. Each row averages objects × images × σ.
 
 1. ``render`` probe: clean renders noised to σ of the 20-step schedule, one UNet call each, attention of the cond.
    a. plain captions, base model, the two shape nouns;
@@ -21,7 +21,7 @@ mass (probabilities summed over the word's tokens, nearest-upsampled) in the reg
 2. ``sample`` probe: the base model sampling plain captions (euler/normal, 20 steps, cfg 5), attention of the
    cond averaged over the steps, per site and level, against world.py's shapes; plus where the pixels'
    attention goes (BOS, the nouns, other words, EOS/padding).
-3. CLoRA end to end (``clora.clora_sample``, SPEC defaults, as evaluate.py calls it; one seed per run):
+3. CLoRA end to end (``clora.clora_sample``, the node's defaults, as evaluate.py calls it; one seed per run):
    ``CloraRecord.final_masks`` (what Mask Preview shows) against world.py's shapes and the pixels drawn in the
    concept's colour, with the trigger as evaluate.py sets it (the concept word itself, which the pack no
    longer inserts a second time, so it now equals "none") and none;
@@ -50,7 +50,7 @@ STEPS, CFG, LAMBDA, SIZE = 20, 5.0, 0.4, world.SIZE
 CENTRES = {"left": 9.0, "right": 23.0}
 PLAIN_POSITIONS = {"left": [3], "right": [10]}  # "a <colour> <shape> on the left and a <colour> <shape> …"
 CONCEPTS = (("character", "zorb", "left", world.ZORB_BODY), ("object", "lantern", "right", world.LANTERN_GLOW))
-MASK_LAMBDAS = (0.4, 0.6, 0.8)  # SPEC default, then stricter thresholds on the same maps
+MASK_LAMBDAS = (0.4, 0.6, 0.8)  # the node's default, then stricter thresholds on the same maps
 SIGMA_STEPS = (2, 6, 10, 14, 18)  # schedule indices for the render probe: σ ≈ 8.1, 3.1, 1.5, 0.73, 0.23
 
 
@@ -89,7 +89,7 @@ def upsample(a: torch.Tensor) -> torch.Tensor:
 
 
 def spec_masks(maps: torch.Tensor, lam: float = LAMBDA) -> torch.Tensor:
-    """SPEC §3.6 on [..., T, h, w]: per-token min-max, [A ≥ λ·max A], union over T → bool [..., h, w]."""
+    """docs/algorithms.md §3.6 on [..., T, h, w]: per-token min-max, [A ≥ λ·max A], union over T → bool [..., h, w]."""
     flat = maps.flatten(-2)
     lo, hi = flat.amin(-1, keepdim=True), flat.amax(-1, keepdim=True)
     n = ((flat - lo) / (hi - lo + 1e-8)).view_as(maps)

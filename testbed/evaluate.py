@@ -1,4 +1,4 @@
-"""Composition evaluation on the trained testbed (issues 9, 17): which method keeps every concept?
+"""Composition evaluation on the trained testbed: which method keeps every concept?
 
     python testbed/evaluate.py --out DIR [--arch unet|dit] [--prompts 40] [--ks 1 2 3 4]
                                [--methods base merge switch composite cmlora clora regional_oracle regional_auto]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The testbed v3's GPU work as device calls of < 10 min each (issue 17), run from the repository root with
+# The testbed v3's GPU work as device calls of < 10 min each, run from the repository root with
 # PYTHONPATH=$PWD/.device/site COMFYUI_PATH=$PWD/.device/comfyui (carry [".device"]):
 #
 #   bash testbed/gpu_runs.sh base OUT    # call 1: detector + UNet base + DiT base side by side (BASE_SECONDS each),

@@ -1,4 +1,4 @@
-"""Train the composition testbed v3 (issue 17): detector, base models (UNet, Flux-architecture DiT), concept LoRAs.
+"""Train the composition testbed v3: detector, base models (UNet, Flux-architecture DiT), concept LoRAs.
 
     python testbed/train.py --stage detector --out DIR
     python testbed/train.py --stage base --arch unet|dit --out DIR [--base-seconds S]

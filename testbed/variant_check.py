@@ -1,4 +1,4 @@
-"""Method variants on the same prompts and seeds: why Merge wins here, and what CMLoRA's cache costs (issue 9).
+"""Method variants on the same prompts and seeds: why Merge wins here, and what CMLoRA's cache costs.
 
     python testbed/variant_check.py {dilution,cache} --out DIR [--k 2] [--prompts 24] [--seeds 2] [--weights W]
 
@@ -12,9 +12,9 @@ seed = prompt index, the first ``--seeds`` noise samples of its batch) and score
   paper) and at strength k (each branch's ε deviation from the base is roughly linear in the strength, so ×k
   undoes the 1/k of the average to first order); switch with τ = 5 (the paper) and τ = 1 (the same share of
   steps per LoRA, finer interleaving). If Composite ×k closes the gap to Merge, dilution explains it.
-* ``cache`` — CMLoRA with and without its feature cache (SPEC §4: non-refreshed LoRAs reuse their deep UNet
+* ``cache`` — CMLoRA with and without its feature cache (docs/algorithms.md §4: non-refreshed LoRAs reuse their deep UNet
   feature for 1–2 steps), next to Merge and Composite. With the cache off and equal weights CMLoRA is
-  Composite (SPEC §6), so the pair isolates the cache's effect on concepts and on grain.
+  Composite (docs/algorithms.md §6), so the pair isolates the cache's effect on concepts and on grain.
 
 Writes DIR/<set>_k<k>.json and .md.
 """

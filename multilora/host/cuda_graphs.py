@@ -1,7 +1,7 @@
-"""Replaying the UNet forward of a sampling run as CUDA graphs (issue 6, BENCH.md).
+"""Replaying the UNet forward of a sampling run as CUDA graphs (docs/benchmarking.md).
 
 At the sizes people sample at, ComfyUI's eager UNet is launch-bound: SD1.5 at 512², batch 2, runs in
-21.7 ms eager and 11.3 ms replayed from a CUDA graph (BENCH.md), and the routed LoRA hooks add ~3 small
+21.7 ms eager and 11.3 ms replayed from a CUDA graph (docs/benchmarking.md), and the routed LoRA hooks add ~3 small
 kernels per targeted layer on top. A DIFFUSION_MODEL wrapper records the whole forward once per call
 signature and replays it:
 

@@ -1,4 +1,4 @@
-"""CMLoRA's per-LoRA feature cache (Zou et al. 2025, arXiv 2502.04923, §3.3; SPEC §4).
+"""CMLoRA's per-LoRA feature cache (Zou et al. 2025, arXiv 2502.04923, §3.3; docs/algorithms.md §4).
 
 The UNet is split into a shallow path — the input blocks of the first level (before the first downsample)
 and the output blocks that consume their skips — and the deep rest. Writing ``D`` for the deep feature

@@ -1,9 +1,9 @@
-"""CMLoRA (Zou et al. 2025, arXiv 2502.04923) on the on-the-fly engine: SPEC §4.
+"""CMLoRA (Zou et al. 2025, arXiv 2502.04923) on the on-the-fly engine (docs/algorithms.md §4).
 
 Every step is a LoRA Composite over all k LoRAs whose fusion weights follow the frequency-ordered plan of
 ``cmlora_schedule``: the dominant LoRA (round-robin over the high-frequency set until g·N, then over the
 low set first) weighs (k−0.5)/(2k−1.5), every other LoRA 1/(2k−1.5). The step of a model evaluation is
-floor-mapped from its σ into the run's schedule (SPEC §0). With ``cache`` on, ``feature_cache`` lets
+floor-mapped from its σ into the run's schedule (docs/algorithms.md §0). With ``cache`` on, ``feature_cache`` lets
 non-refreshed branches reuse their deep UNet feature (UNet models; DiTs run without the cache). ``cache`` None
 ("auto") picks it per model family from the measurements (docs/benchmarking.md, testbed/README.md): on for
 SDXL, where the shallow path is 0.10 of a UNet call and the cache cuts CMLoRA k = 4 from 1.01× to 0.39×

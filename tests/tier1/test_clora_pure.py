@@ -452,7 +452,7 @@ def test_fuse_per_sample_masks_and_soft_masks():
 
 
 def test_full_masks_equal_composite_mean():
-    """SPEC §6: λ = 0 masks with the base among the fused predictions == Composite's mean."""
+    """docs/algorithms.md §6: λ = 0 masks with the base among the fused predictions == Composite's mean."""
     g = torch.Generator().manual_seed(1)
     base, pa, pb = (torch.randn(2, 4, 6, 10, generator=g) for _ in range(3))
     maps = [torch.rand(2, 3, 5, generator=g) for _ in range(3)]

@@ -1,4 +1,4 @@
-"""CLoRA (SPEC §3) inside a real ComfyUI: gradients through the UNet, fusion, masks, isolation, errors."""
+"""CLoRA (docs/algorithms.md §3) inside a real ComfyUI: gradients through the UNet, fusion, masks, isolation, errors."""
 import os
 
 import pytest

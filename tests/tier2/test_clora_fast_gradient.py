@@ -1,4 +1,4 @@
-"""CLoRA's fast gradient pass (issue #6) == the straightforward one, inside a real ComfyUI on the CPU.
+"""CLoRA's fast gradient pass ==  the straightforward one, inside a real ComfyUI on the CPU.
 
 Straightforward path (the first implementation, kept as ``gradient_ready(share_weights=False)``): ComfyUI's cast
 path copies every weight and bias per forward (identity weight/bias functions) and the UNet runs to its end.

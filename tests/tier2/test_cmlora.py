@@ -1,4 +1,4 @@
-"""CMLoRA (SPEC §4, no feature cache yet) and the frequency profile node inside a real ComfyUI."""
+"""CMLoRA (docs/algorithms.md §4) and the frequency profile node inside a real ComfyUI."""
 
 import pytest
 import torch

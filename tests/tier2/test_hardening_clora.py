@@ -1,4 +1,4 @@
-"""Hardening, CLoRA prompts and settings (issue #8).
+"""Hardening, CLoRA prompts and settings.
 
 Issue case → test
 - concept word missing → test_clora_concept_word_missing_is_an_error_before_sampling

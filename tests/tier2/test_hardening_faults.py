@@ -1,4 +1,4 @@
-"""Hardening, faults: Cancel at every phase, an exception inside the UNet, a simulated CUDA OOM (issue #8).
+"""Hardening, faults: Cancel at every phase, an exception inside the UNet, a simulated CUDA OOM.
 
 After each fault the user's MODEL carries nothing of the run (``World.assert_clean``), samples bit-identically
 to a freshly built copy of it, and the next run of the same node gives exactly a fresh copy's result.

@@ -1,4 +1,4 @@
-"""Hardening, LoRA files: missing, damaged, pickled, non-finite, malformed and foreign files (issue #8).
+"""Hardening, LoRA files: missing, damaged, pickled, non-finite, malformed and foreign files.
 
 Every case ends in the pack's exception type with a message naming the node, the LoRA and the fix, raised
 before the first UNet call (``fails_before_sampling``), or in a documented fallback, and leaves nothing on the

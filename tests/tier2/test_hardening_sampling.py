@@ -1,4 +1,4 @@
-"""Hardening, sampling settings and shapes for every sampler node, and the other nodes' inputs (issue #8).
+"""Hardening, sampling settings and shapes for every sampler node, and the other nodes' inputs.
 
 Each case runs the node on a clone carrying a σ recorder: the output has the input's shape and is finite, the
 input latent is not modified, the run covers exactly the schedule of (steps, denoise), and nothing is left on

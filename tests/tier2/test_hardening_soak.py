@@ -1,4 +1,4 @@
-"""Hardening, many runs in one process: 50 queued prompts through ComfyUI's real executor (issue #8).
+"""Hardening, many runs in one process: 50 queued prompts through ComfyUI's real executor.
 
 One ``PromptExecutor`` runs the whole queue, as ComfyUI's server keeps one (CLASSIC cache: the loader and stack
 nodes of a prompt are reused when unchanged, samplers re-run because consecutive prompts differ). The prompts

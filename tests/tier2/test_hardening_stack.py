@@ -1,4 +1,4 @@
-"""Hardening, the LoRA stack: empty, all off, one row, 17 rows, duplicated rows, odd strengths and names (issue #8).
+"""Hardening, the LoRA stack: empty, all off, one row, 17 rows, duplicated rows, odd strengths and names.
 
 Issue case → test
 - stack empty / all off → test_empty_and_all_off_stacks, test_other_nodes_on_empty_stacks

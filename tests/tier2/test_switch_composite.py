@@ -1,4 +1,4 @@
-"""LoRA Switch and LoRA Composite (SPEC §1–2) against independent references built from ComfyUI's own
+"""LoRA Switch and LoRA Composite (docs/algorithms.md §1–2) against independent references built from ComfyUI's own
 merged LoRAs. Tolerances: float32 CPU; a whole sampling run compounds the ~1e-6 per-call difference of
 on-the-fly vs merged weights over the steps, so runs are compared at 1e-3 (a wrong LoRA or weight moves
 latents by > 1e-1, asserted where it matters); single predictions at 1e-4."""

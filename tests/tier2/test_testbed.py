@@ -1,4 +1,4 @@
-"""The committed composition testbed v3 (testbed/, issue 17) loads as real ComfyUI objects and is sound.
+"""The committed composition testbed v3 (testbed/) loads as real ComfyUI objects and is sound.
 
 Both testbeds — the SD1.5-class UNet and the tiny Flux-architecture DiT — with the weights testbed/train.py made
 on the GPU; CPU checks: size budget, the training forwards equal ComfyUI's (text encoder with its pooled output,
