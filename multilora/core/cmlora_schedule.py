@@ -62,7 +62,8 @@ def _category_is_high(category: str) -> bool:
 
 def partition(categories: Sequence[str],
               scores: Sequence[float | None] | None = None) -> tuple[list[int], list[int]]:
-    """Split LoRA indices into (H, L) in stack order: by score above the median if every score is set, else by category."""
+    """Split LoRA indices into (H, L) in stack order: by score above the median if every score is set, else by
+    category."""
     count = len(categories)
     if scores is not None and len(scores) != count:
         raise StackError(f"CMLoRA: {len(scores)} frequency scores for {count} LoRAs. Give one score per LoRA.")

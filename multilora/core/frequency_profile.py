@@ -30,7 +30,8 @@ def _grayscale_batch(image: torch.Tensor) -> torch.Tensor:
         return image.to(torch.float64).mean(dim=-1).unsqueeze(0)
     if image.dim() == 4:
         return image.to(torch.float64).mean(dim=-1)
-    raise InputError(f"LoRA Frequency Profile: image must be [H, W], [H, W, C] or [B, H, W, C], got shape {tuple(image.shape)}.")
+    raise InputError("LoRA Frequency Profile: image must be [H, W], [H, W, C] or [B, H, W, C], got shape "
+                     f"{tuple(image.shape)}.")
 
 
 def radial_profile(gray: torch.Tensor) -> torch.Tensor:
@@ -75,8 +76,3 @@ def check_profile_images(images: torch.Tensor, labels: Sequence[str], node: str)
             raise MultiLoRAError(f"{node}: image {i + 1} of 'images' (for '{label}') has NaN/Inf pixels and cannot "
                                  "be scored. Decode it again (an fp16 VAE can overflow: try an fp32 or fixed VAE) "
                                  "or regenerate that image.")
-
-
-def rank_by_score(scores: Sequence[float]) -> list[int]:
-    """Indices ordered by descending score; equal scores keep stack order."""
-    return sorted(range(len(scores)), key=lambda i: -float(scores[i]))

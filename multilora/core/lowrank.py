@@ -158,7 +158,8 @@ def merged_delta(deltas: LayerDeltas, weights: "list[float] | torch.Tensor", dev
         if isinstance(weights, torch.Tensor):
             column_weights = weights.index_select(0, column_lora)
         else:
-            column_weights = torch.tensor([weights[i] for i in deltas.column_key], dtype=torch.float32, device=up.device)
+            column_weights = torch.tensor([weights[i] for i in deltas.column_key], dtype=torch.float32,
+                                          device=up.device)
         product = (up * column_weights) @ down.flatten(1)
         delta_w = product.reshape(spec.weight_shape)
     for part in dense:

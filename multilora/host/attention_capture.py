@@ -194,7 +194,8 @@ def install_capture(model_options: dict, diffusion_model, capture: ConceptAttent
 
 
 def capture_size(latent_height: int, latent_width: int, level: int = 2) -> tuple[int, int]:
-    """The (H, W) after ``level`` 2× downsamplings (ComfyUI's convs round up): latent/4 at level 2 (docs/algorithms.md §3.3)."""
+    """The (H, W) after ``level`` 2× downsamplings (ComfyUI's convs round up): latent/4 at level 2
+    (docs/algorithms.md §3.3)."""
     height, width = latent_height, latent_width
     for _ in range(level):
         height, width = -(-height // 2), -(-width // 2)

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from ..core.routing import Routing
+from ..core.stack import LoraRow
 from ..host.lora_bank import LoraSource, build_layers
 from ..host.lora_files import read_lora_file, resolve_lora_path
 from ..host.onthefly import OnTheFlyLoras
-from ..core.routing import Routing
-from ..core.stack import LoraRow
 
 
 def build_engine(patcher, rows: Sequence[LoraRow], node: str, default_routing: Routing | None = None) -> OnTheFlyLoras:

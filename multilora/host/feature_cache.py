@@ -22,8 +22,8 @@ import torch.utils.checkpoint
 
 from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, forward_timestep_embed, timestep_embedding
 
-from ..host.onthefly import OnTheFlyLoras
 from ..core.routing import sample_sigmas_of_call, sigma_of_call, step_index
+from ..host.onthefly import OnTheFlyLoras
 
 UNSUPPORTED_PATCHES = ("emb_patch", "input_block_patch", "input_block_patch_after_skip", "output_block_patch")
 
@@ -81,7 +81,8 @@ def split_forward(unet, x, timesteps, context, y, transformer_options: dict, dee
         cpu_index = deep_rows_cpu if deep_rows_cpu is not None else deep_rows.cpu()
         routed = engine.routed_subset(cpu_index, deep_rows) if rows is not None else _null()
         with routed:
-            hd, embd, ctxd = h.index_select(0, deep_rows), emb.index_select(0, deep_rows), context.index_select(0, deep_rows)
+            hd, embd = h.index_select(0, deep_rows), emb.index_select(0, deep_rows)
+            ctxd = context.index_select(0, deep_rows)
             skips = []
             for index in range(first, len(unet.input_blocks)):
                 hd = block_runner(unet.input_blocks[index], hd, embd, ctxd, transformer_options, ("input", index),
@@ -140,7 +141,8 @@ class FeatureCache:
         for c, index in enumerate(chunks):
             lora = int(index) % self.count
             stored = self.cache.get(int(index))
-            fresh = plan.step == 0 or stored is None or stored.shape[0] != per or (plan.refresh and lora == plan.dominant)
+            fresh = (plan.step == 0 or stored is None or stored.shape[0] != per
+                     or (plan.refresh and lora == plan.dominant))
             if fresh:
                 deep_rows += range(c * per, (c + 1) * per)
                 self.full_branch_evaluations += 1

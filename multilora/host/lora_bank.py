@@ -23,8 +23,17 @@ import comfy.utils
 import comfy.weight_adapter
 
 from ..core.errors import LoraFileError, UnsupportedAdapterError
-from ..core.lowrank import (CONV, GROUP_NORM, LAYER_NORM, LINEAR, DensePart, LayerDeltas, LayerSpec,
-                      LowRankPart, fuse_layer)
+from ..core.lowrank import (
+    CONV,
+    GROUP_NORM,
+    LAYER_NORM,
+    LINEAR,
+    DensePart,
+    LayerDeltas,
+    LayerSpec,
+    LowRankPart,
+    fuse_layer,
+)
 
 log = logging.getLogger("multilora")
 
@@ -194,7 +203,8 @@ def _dense_delta(adapter, weight: torch.Tensor, key, strength: float, offset, na
             raise misfit(node, name, key, tuple(target.shape),
                          f"ComfyUI's {adapter.name} adapter could not apply its weights ({detail})")
     else:
-        kind, values = (adapter[0], adapter[1]) if len(adapter) == 2 and isinstance(adapter[0], str) else ("diff", adapter)
+        tagged = len(adapter) == 2 and isinstance(adapter[0], str)
+        kind, values = (adapter[0], adapter[1]) if tagged else ("diff", adapter)
         if kind != "diff":
             raise UnsupportedAdapterError(
                 f"{node}: LoRA '{name}' uses a '{kind}' patch on '{key}', which the on-the-fly engine cannot "

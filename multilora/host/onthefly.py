@@ -27,15 +27,17 @@ import torch
 import comfy.patcher_extension
 import comfy.utils
 
-from ..host.comfy_compat import weight_streamed
-from ..host.cuda_graphs import GraphedUNet
 from ..core.lowrank import LayerDeltas, apply_layer_deltas, merge_groups, merged_delta, merged_group_weights
 from ..core.routing import Routing, SameForAll
+from ..host.comfy_compat import weight_streamed
+from ..host.cuda_graphs import GraphedUNet
 
 log = logging.getLogger("multilora")
 
 WRAPPER_KEY = "multilora.onthefly"
 ROUTING_KEY = "multilora.routing"
+# A merged layer's backup: (weight parameter, its original values, bias parameter, its original values).
+_Backup = tuple[torch.nn.Parameter, torch.Tensor, torch.nn.Parameter | None, torch.Tensor | None]
 
 
 class OnTheFlyLoras:
@@ -56,7 +58,7 @@ class OnTheFlyLoras:
         self._merged: tuple[float, ...] | None = None
         self._last_vector: tuple[float, ...] | None = None
         self._mergeable_cache: dict[int, bool] = {}
-        self._backups: dict[str, tuple[torch.nn.Parameter, torch.Tensor, torch.nn.Parameter | None, torch.Tensor | None]] = {}
+        self._backups: dict[str, _Backup] = {}
         self.merges = 0
         self._staged: dict = {}
         self._hooked_ids: dict[frozenset[int], int] = {}
@@ -342,9 +344,3 @@ class OnTheFlyLoras:
         patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY,
                                      self._apply_model_wrapper)
         patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, self.graphs)
-
-
-def set_routing(model_options: dict, routing: Routing) -> None:
-    """Make calls under these model_options use ``routing`` (model_options must be the caller's copy)."""
-    transformer_options = model_options.setdefault("transformer_options", {})
-    transformer_options[ROUTING_KEY] = routing

@@ -14,13 +14,13 @@ from PIL import Image, ImageDraw
 
 import comfy.model_management
 
+from ..core.errors import MultiLoRAError
+from ..core.stack import LoraRow
+from ..host.ksampler import ksample
 from ..methods.clora import CloraSettings, clora_sample, encode
 from ..methods.cmlora import cmlora_model
-from ..core.errors import MultiLoRAError
-from ..host.ksampler import ksample
 from ..methods.merge import merge_rows
 from ..methods.switch_composite import composite_model, switch_model
-from ..core.stack import LoraRow
 
 METHODS = ("Merge", "LoRA Switch", "LoRA Composite", "CLoRA", "CMLoRA")
 
