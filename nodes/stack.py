@@ -33,12 +33,12 @@ def row_inputs(n: int, lora_names: list[str]) -> list[io.Input]:
                                "workflows go through it), CLoRA (each prompt variant) and Compare."),
         io.Combo.Input(f"category_{n}", options=list(CATEGORIES), default="other", optional=True,
                        tooltip=f"Row {n}: what the LoRA adds. Used by CMLoRA (its schedule splits high-frequency "
-                               "from background LoRAs by it, with ordering 'stack categories') and CLoRA ('style' "
-                               "rows apply everywhere and need no concept). Merge, Switch and Composite ignore it."),
+                               "from background LoRAs by it, with ordering 'stack categories'), CLoRA and Regional "
+                               "LoRA's automatic masks ('style' rows apply everywhere and need no concept). Merge, Switch and Composite ignore it."),
         io.String.Input(f"concept_{n}", default="", optional=True,
                         tooltip=f"Row {n}: concept word(s) of this LoRA as they appear in the prompt, "
-                                "comma-separated (e.g. 'cat'). Used only by CLoRA (also inside Compare); the "
-                                "other methods ignore it."),
+                                "comma-separated (e.g. 'cat'). Used by CLoRA (also inside Compare) and by Regional "
+                                "LoRA's automatic masks; the other methods ignore it."),
         io.String.Input(f"trigger_{n}", default="", optional=True,
                         tooltip=f"Row {n}: trigger word(s) of the LoRA, comma-separated. Used only by CLoRA, which "
                                 "inserts them before the concept word in this LoRA's prompt variant; the other "
