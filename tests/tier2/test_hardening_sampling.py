@@ -132,9 +132,9 @@ def test_1536x640_latent_on_sdxl(w, sdxl, method):
 
 
 def test_other_node_inputs_out_of_range(w, ml, errors):
-    fails_before_sampling(w, "switch", ValueError, r"^KSampler \(LoRA Switch\): 'switch_every' must be at least 1 "
-                          r"\(got 0\)", switch_every=0)
-    fails_before_sampling(w, "cmlora", ValueError, r"^KSampler \(CMLoRA\): 'stage_switch' must be in \[0, 1\], got 1\.2",
+    fails_before_sampling(w, "switch", ValueError, r"^KSampler \(LoRA Switch\): 'switch_every' is 0, out of range\. "
+                          r"Set a value from 1 to 10000\.", switch_every=0)
+    fails_before_sampling(w, "cmlora", ValueError, r"^KSampler \(CMLoRA\): 'stage_switch' is 1\.2, out of range\. Set a value from 0 to 1\.",
                           stage_switch=1.2)
     fails_before_sampling(w, "cmlora", ValueError, r"ordering 'profiled scores' needs a score for every row",
                           ordering="profiled scores")

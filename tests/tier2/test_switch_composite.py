@@ -183,7 +183,7 @@ def test_switch_as_the_authors_code_gives_the_first_lora_tau_plus_one_steps(ml, 
     torch.testing.assert_close(run(patched, "sd15", sampler=sampler, steps=steps),
                                run(methods.switch_model(model, stack_of(ml, names).active(), tau, "test", authors),
                                    "sd15", sampler=sampler, steps=steps), atol=0, rtol=0)
-    with pytest.raises(ml("core.errors").MultiLoRAError, match=r"^LoRA Switch: 'schedule' must be one of "):
+    with pytest.raises(ml("core.errors").MultiLoRAError, match=r"^LoRA Switch \(model patch\): 'schedule' is 'paper', which is not an option\. Pick one of: "):
         node.execute(model=model, lora_stack=stack_of(ml, names), switch_every=tau, schedule="paper")
 
 
