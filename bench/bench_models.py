@@ -40,6 +40,7 @@ def fill_random_(model, gen) -> None:
 
 def build_unet(kind: str):
     import torch
+
     import comfy.model_management
     import comfy.model_patcher
     import comfy.supported_models
@@ -72,7 +73,8 @@ def write_loras(patcher, count: int, folder: str, rank: int = 16) -> list[str]:
             base = "lora_unet_" + key[len("diffusion_model."):-len(".weight")].replace(".", "_")
             extra = (1, 1) if w.ndim == 4 else ()
             tensors[f"{base}.lora_down.weight"] = (torch.randn((rank, in_f) + extra, generator=gen) / math.sqrt(in_f)).half()
-            tensors[f"{base}.lora_up.weight"] = (torch.randn((out_f, rank) + extra, generator=gen) * 0.05 / math.sqrt(rank)).half()
+            up = torch.randn((out_f, rank) + extra, generator=gen) * 0.05 / math.sqrt(rank)
+            tensors[f"{base}.lora_up.weight"] = up.half()
             tensors[f"{base}.alpha"] = torch.tensor(float(rank))
         name = f"bench_{i}.safetensors"
         save_file(tensors, os.path.join(folder, name))
@@ -102,7 +104,9 @@ FLUX_LORA_TARGETS = ("img_attn.qkv", "img_attn.proj", "txt_attn.qkv", "txt_attn.
 def build_flux(tiny: bool = False):
     """Flux.1-dev-sized (or ``tiny``) random bf16 transformer through ComfyUI's own Flux model class."""
     import dataclasses
+
     import torch
+
     import comfy.ldm.flux.model
     import comfy.model_management
     import comfy.model_patcher

@@ -22,8 +22,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "testbed"))  # the one ComfyUI boot helper
 
-from boot import boot_comfy  # noqa: E402
 from bench_models import build_unet, conds, write_loras  # noqa: E402
+from boot import boot_comfy  # noqa: E402
 
 
 def graphed_ms(fn, reps: int = 20) -> float:
@@ -70,6 +70,7 @@ def shallow_vs_full(kind: str, ml, batch: int) -> dict:
 
 def merge_cost(kind: str, ml, k: int, folder: str) -> dict:
     import torch
+
     import folder_paths
     patcher = build_unet(kind)
     names, layers = write_loras(patcher, k, folder)
@@ -99,6 +100,7 @@ def main():
     args = parser.parse_args()
     ml = boot_comfy()
     import torch
+
     import comfy.model_management
     results = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "shallow": [], "merge": []}
     folder = tempfile.mkdtemp()

@@ -47,6 +47,7 @@ def profile_to(folder: str, name: str):
 def run_clora(kind, ml, steps, repeats, ks, folder, partial=None, profile_dir=None):
     """CLoRA with k concept LoRAs, random variant conds (token positions fixed), the node's defaults."""
     import torch
+
     import comfy.model_management
     import comfy.sample
     import comfy.samplers

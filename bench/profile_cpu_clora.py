@@ -49,6 +49,7 @@ def sd15_layout(channels: int, context: int) -> dict:
 
 def build_model(channels: int, context: int):
     import torch
+
     import comfy.model_patcher
     import comfy.supported_models
     config = comfy.supported_models.SD15(sd15_layout(channels, context))
@@ -100,6 +101,7 @@ def main():
 
     ml = boot_comfy(("--use-pytorch-cross-attention",))  # SDPA, as on the GPU
     import torch
+
     import comfy.sample
     import comfy.samplers
     import folder_paths

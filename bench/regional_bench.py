@@ -28,8 +28,8 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(REPO, "testbed"))
 
-from boot import boot_comfy  # noqa: E402
 from bench_models import build_flux, build_unet, conds, flux_conds, write_loras  # noqa: E402
+from boot import boot_comfy  # noqa: E402
 from run_bench import graphs  # noqa: E402
 
 
@@ -62,6 +62,7 @@ def region_masks(k: int, size: int):
 
 def time_model(make, kind, steps, repeats, size, tiny):
     import torch
+
     import comfy.sample
     positive, negative = flux_conds(tiny) if kind == "flux" else conds(kind)
     latent = torch.zeros(1, 16 if kind == "flux" else 4, size, size)

@@ -27,8 +27,8 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(REPO, "testbed"))  # the one ComfyUI boot helper (never the repo root)
 
-from boot import boot_comfy  # noqa: E402
 from bench_models import SD15, SDXL, build_unet, conds, fill_random_, write_loras  # noqa: E402,F401
+from boot import boot_comfy  # noqa: E402
 from clora_bench import run_clora  # noqa: E402
 
 GRAPHS_ENV = "MULTILORA_CUDA_GRAPHS"
@@ -50,6 +50,7 @@ def graphs(on: bool):
 
 def time_method(make_model, kind, steps, repeats):
     import torch
+
     import comfy.sample
     size = 64 if kind == "sd15" else 128
     positive, negative = conds(kind)
@@ -73,9 +74,9 @@ def time_method(make_model, kind, steps, repeats):
 
 def run_model(kind, ml, steps, repeats, ks, folder, partial=None, sequential_ks=(2, 4), cmlora_ks=(2, 4, 8),
               eager_ks=(1, 2, 4, 8)):
+    import comfy.model_management
     import comfy.sd
     import comfy.utils
-    import comfy.model_management
     import folder_paths
     t0 = time.perf_counter()
     patcher = build_unet(kind)
@@ -169,8 +170,8 @@ def main():
                         help="k values at which Composite also runs with one UNet call per LoRA")
     args = parser.parse_args()
     ml = boot_comfy()
-    import torch
     import comfyui_version
+    import torch
     folder = tempfile.mkdtemp()
     all_results = []
     meta = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "comfyui": comfyui_version.__version__,

@@ -49,8 +49,8 @@ def boot(config: str, reserve_gb: float | None = None):
             import comfy_aimdo.control
             headroom = None if args.reserve_vram is None else int(args.reserve_vram * 1024 ** 3)
             comfy_aimdo.control.init(simple_vram_headroom=headroom, nvml_pressure=not args.disable_nvml_pressure)
-        import comfy.model_management
         import comfy.memory_management
+        import comfy.model_management
         import comfy.model_patcher
         if dynamic:
             import comfy_aimdo.control

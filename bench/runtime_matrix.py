@@ -49,12 +49,14 @@ def worker(config: str, kind: str, work: str, steps: int, k: int, reserve_gb: fl
     ml = boot(config, reserve_gb)
     import psutil
     import torch
+
     import comfy.model_management as mm
     import comfy.sample
     import comfy.samplers
     import comfy.sd
     import comfy.utils
     import folder_paths
+
     from bench_models import conds
     folder_paths.add_model_folder_path("loras", os.path.join(work, "loras"), is_default=True)
     options = {"dtype": torch.float8_e4m3fn} if config.startswith("fp8") else {}
@@ -225,7 +227,8 @@ def main() -> None:
             output, code = (timeout.stdout or b"").decode() + (timeout.stderr or b"").decode(), "timeout"
         found = [json.loads(line[7:]) for line in output.splitlines() if line.startswith("RESULT ")]
         if code != 0:
-            found.append({"config": config, "model": kind, "method": " ".join(methods), "error": f"process exit {code}", "log_tail": output[-3000:]})
+            found.append({"config": config, "model": kind, "method": " ".join(methods), "error": f"process exit {code}",
+                          "log_tail": output[-3000:]})
         print(f"{config} {kind} {' '.join(methods)}: {len(found)} rows, exit {code}, {time.perf_counter() - t0:.0f}s", flush=True)
         with open(os.path.join(args.out, "runtime-partial.jsonl"), "a") as f:
             for entry in found:
@@ -258,7 +261,8 @@ def write_report(results: list, args, seconds: float) -> None:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     version = open(os.path.join(os.environ["COMFYUI_PATH"], "comfyui_version.py")).read().split('"')[1]
     meta = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "comfyui": version,
-            "steps": args.steps, "k": args.k, "jobs": args.jobs, "sampler": "euler/normal, cfg 7, seed 42", "seconds": round(seconds)}
+            "steps": args.steps, "k": args.k, "jobs": args.jobs, "sampler": "euler/normal, cfg 7, seed 42",
+            "seconds": round(seconds)}
     with open(os.path.join(args.out, f"runtime-{stamp}.json"), "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=2)
     lines = [f"GPU: {meta['gpu']} · torch {meta['torch']} · ComfyUI {version} · k = {args.k}, {args.steps} steps, "
@@ -276,7 +280,8 @@ def write_report(results: list, args, seconds: float) -> None:
                                  "on" if e.get("graphs") else "off", cell(e, "s_per_image"), cell(e, "peak_gb"),
                                  cell(e, "allocated_after_gb"), cell(e, "host_rss_growth_gb"), cell(e, "loaded_models"),
                                  cell(e, "resident_fraction"), cell(e, "graph_replays"), cell(e, "latent_max_abs"),
-                                 cell(e, "max_abs_diff_repeat", "g"), cell(e, "max_abs_diff_graphs_vs_eager", "g"), cell(e, "max_abs_diff_vs_static_eager", "g"),
+                                 cell(e, "max_abs_diff_repeat", "g"), cell(e, "max_abs_diff_graphs_vs_eager", "g"),
+                                 cell(e, "max_abs_diff_vs_static_eager", "g"),
                                  (e.get("error") or "")[:120].replace("|", "/"), ""]).strip())
     with open(os.path.join(args.out, f"runtime-{stamp}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

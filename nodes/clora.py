@@ -5,13 +5,19 @@ import torch
 
 from comfy_api.latest import io, ui
 
-from ..multilora.methods.clora import CloraSettings, clora_sample
-from ..multilora.methods.clora_settings import (ATTENTION_HALVES, HALVES_COND, MASK_SOURCES, MASK_UNION, VARIANT_NAMES,
-                                                VARIANT_PACK)
 from ..multilora.core.clora_masks import check_threshold, maps_at_step, masks_from_maps, overlay
 from ..multilora.core.stack import require_active
-from .sampling import STACK_TIP, ksampler_inputs
+from ..multilora.methods.clora import CloraSettings, clora_sample
+from ..multilora.methods.clora_settings import (
+    ATTENTION_HALVES,
+    HALVES_COND,
+    MASK_SOURCES,
+    MASK_UNION,
+    VARIANT_NAMES,
+    VARIANT_PACK,
+)
 from .checks import checked
+from .sampling import STACK_TIP, ksampler_inputs
 from .types import AttentionMapsType, LoraStackType
 
 NODE = "CLoRA"

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..multilora.methods.compare import METHODS, labelled_grid, results_table, run_methods
 from ..multilora.core.errors import MultiLoRAError
 from ..multilora.core.stack import require_active
-from .sampling import STACK_TIP, ksampler_inputs, switch_input
+from ..multilora.methods.compare import METHODS, labelled_grid, results_table, run_methods
 from .checks import checked
+from .sampling import STACK_TIP, ksampler_inputs, switch_input
 from .types import LoraStackType
 
 NODE = "Compare Multi-LoRA Methods"

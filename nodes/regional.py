@@ -5,10 +5,10 @@ import logging
 
 from comfy_api.latest import io
 
+from ..multilora.core.auto_masks import AutoMaskPhases
 from ..multilora.core.regions import TEXT_ALL, TEXT_POLICIES
 from ..multilora.core.stack import require_active
 from ..multilora.host.ksampler import ksample
-from ..multilora.core.auto_masks import AutoMaskPhases
 from ..multilora.methods.regional import check_masks, regional_model
 from ..multilora.methods.regional_auto import MASK_SOURCES, MASKS_DRAWN, auto_regional_model, drawn_record
 from .checks import checked

@@ -6,9 +6,9 @@ from comfy_api.latest import io
 
 from ..multilora.core.errors import StackError
 from ..multilora.core.routing import SWITCH_PAPER, SWITCH_SCHEDULES
-from ..multilora.methods.switch_composite import CompositeGuider, composite_model, switch_model
-from ..multilora.host.ksampler import ksample
 from ..multilora.core.stack import require_active
+from ..multilora.host.ksampler import ksample
+from ..multilora.methods.switch_composite import CompositeGuider, composite_model, switch_model
 from .checks import checked
 from .types import LoraStackType
 

@@ -5,8 +5,8 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..multilora.core.errors import StackError
-from ..multilora.methods.merge import merge_rows
 from ..multilora.core.stack import CATEGORIES, MAX_ROWS, NO_LORA, LoraStack, build_row
+from ..multilora.methods.merge import merge_rows
 from .checks import checked
 from .types import LoraStackType
 
@@ -34,7 +34,8 @@ def row_inputs(n: int, lora_names: list[str]) -> list[io.Input]:
         io.Combo.Input(f"category_{n}", options=list(CATEGORIES), default="other", optional=True,
                        tooltip=f"Row {n}: what the LoRA adds. Used by CMLoRA (its schedule splits high-frequency "
                                "from background LoRAs by it, with ordering 'stack categories'), CLoRA and Regional "
-                               "LoRA's automatic masks ('style' rows apply everywhere and need no concept). Merge, Switch and Composite ignore it."),
+                               "LoRA's automatic masks ('style' rows apply everywhere and need no concept). Merge, Switch "
+                               "and Composite ignore it."),
         io.String.Input(f"concept_{n}", default="", optional=True,
                         tooltip=f"Row {n}: concept word(s) of this LoRA as they appear in the prompt, "
                                 "comma-separated (e.g. 'cat'). Used by CLoRA (also inside Compare) and by Regional "

@@ -204,6 +204,7 @@ def render_probe(ml, model, clip, scene_count: int = 8, sigma_steps=SIGMA_STEPS,
     import comfy.samplers
     import comfy.sd
     import comfy.utils
+
     import comfy_model
     capture_lib, masks_lib = ml("host.attention_capture"), ml("core.clora_masks")
     dm = model.model.diffusion_model
@@ -367,8 +368,9 @@ def main():
     args = parser.parse_args()
     from boot import boot_comfy
     ml = boot_comfy()
-    import comfy_model
     import folder_paths
+
+    import comfy_model
     folder_paths.add_model_folder_path("loras", os.path.join(comfy_model.WEIGHTS, "loras"), is_default=True)
     model, clip = comfy_model.load_testbed()
     result = {}

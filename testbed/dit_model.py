@@ -33,6 +33,7 @@ import comfy.model_management
 import comfy.model_patcher
 import comfy.supported_models
 import comfy.utils
+
 import comfy_model
 
 DIT_DIR = "dit"

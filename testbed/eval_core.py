@@ -33,8 +33,9 @@ import comfy.model_management
 import comfy.sample
 import comfy.sd
 import comfy.utils
-import detector as detector_lib
 import folder_paths
+
+import detector as detector_lib
 import objectives
 import world
 

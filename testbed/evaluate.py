@@ -44,14 +44,26 @@ ml = boot_comfy()
 import torch  # noqa: E402
 
 import folder_paths  # noqa: E402
+
 import comfy_model  # noqa: E402
 import detector as detector_lib  # noqa: E402
 import eval_core  # noqa: E402
 import eval_report  # noqa: E402
-import world  # noqa: E402
 import objectives  # noqa: E402
-from eval_core import (ALL_METHODS, CFG, CONCEPT_WORDS, METHODS, SEEDS, STEPS, bootstrap,  # noqa: E402,F401
-                       composition_prompts, lora_name, rows_for, score)
+import world  # noqa: E402
+from eval_core import (  # noqa: E402,F401
+    ALL_METHODS,
+    CFG,
+    CONCEPT_WORDS,
+    METHODS,
+    SEEDS,
+    STEPS,
+    bootstrap,
+    composition_prompts,
+    lora_name,
+    rows_for,
+    score,
+)
 
 
 def sample(method: str, model, clip, rows, prompt: str, seed: int, arch: str = "unet"):

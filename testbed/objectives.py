@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import comfy.utils
+
 import comfy_model
 import dit_model
 import world

@@ -35,12 +35,13 @@ ml = boot_comfy()
 
 import torch  # noqa: E402
 
+import folder_paths  # noqa: E402
+
 import comfy_model  # noqa: E402
 import detector as detector_lib  # noqa: E402
 import eval_core  # noqa: E402
-from eval_report import cell  # noqa: E402
-import folder_paths  # noqa: E402
 import world  # noqa: E402
+from eval_report import cell  # noqa: E402
 
 
 def variants(name: str, k: int) -> dict[str, dict]:

@@ -16,8 +16,17 @@ import logging
 
 import torch
 
-from ..core.regions import (RegionError, RegionPlan, TEXT_ALL, maps_on_grid, normalize_regions, spatial_weights,
-                            text_weights, token_grid, token_weights)
+from ..core.regions import (
+    TEXT_ALL,
+    RegionError,
+    RegionPlan,
+    maps_on_grid,
+    normalize_regions,
+    spatial_weights,
+    text_weights,
+    token_grid,
+    token_weights,
+)
 
 AUTO, IMAGE, TEXT, JOINT = "auto", "image", "text", "joint"
 UNET_TEXT_LAYERS = (".attn2.to_k", ".attn2.to_v")

@@ -23,21 +23,30 @@ import contextlib
 from dataclasses import dataclass
 from typing import Sequence
 
+import torch
+
 import comfy.model_management
 import comfy.model_patcher
 import comfy.patcher_extension
 import comfy.sample
 import comfy.samplers
 import comfy.utils
-import torch
 
 from ..core.clora_masks import check_threshold, fuse_with_masks, masks_from_maps
 from ..core.contrastive import concept_contrastive_loss, normalize_maps
 from ..core.errors import MultiLoRAError
 from ..core.routing import sample_sigmas_of_call, sigma_of_call, step_index
 from ..core.stack import LoraRow
-from ..host.attention_capture import (ConceptAttention, CrossAttentionRequired, StopAfterCapture, capture_level,
-                                      capture_size, cross_attention_levels, cross_attention_sites, install_capture)
+from ..host.attention_capture import (
+    ConceptAttention,
+    CrossAttentionRequired,
+    StopAfterCapture,
+    capture_level,
+    capture_size,
+    cross_attention_levels,
+    cross_attention_sites,
+    install_capture,
+)
 from ..host.engine import build_engine
 from ..host.feature_cache import CheckpointedUNet
 from ..host.onthefly import ROUTING_KEY, OnTheFlyLoras

@@ -43,7 +43,8 @@ def _cached_alias(p: torch.Tensor, aliases: dict | None) -> torch.nn.Parameter:
 
 @contextlib.contextmanager
 def gradient_ready(diffusion_model: torch.nn.Module, share_weights: bool = True, aliases: dict | None = None):
-    """Autograd through ComfyUI's ops on inference-mode weights (normal tensors over inference weights); all undone in ``finally``.
+    """Autograd through ComfyUI's ops on inference-mode weights (normal tensors over inference weights); all undone
+    in ``finally``.
 
     ``share_weights``: every plain inference-tensor parameter is swapped for a normal tensor over the same
     memory, so ops keep their plain forward and nothing is copied. The aliases have no version counter link

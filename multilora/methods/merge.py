@@ -17,10 +17,9 @@ import comfy.sd
 import comfy.utils
 import comfy.weight_adapter
 
-from ..host.lora_bank import (TEXT_ENCODER_PREFIXES, check_factors, loader_errors, logged_errors, misfit,
-                              unet_patches)
-from ..host.lora_files import read_lora_file, resolve_lora_path
 from ..core.stack import LoraRow
+from ..host.lora_bank import TEXT_ENCODER_PREFIXES, check_factors, loader_errors, logged_errors, misfit, unet_patches
+from ..host.lora_files import read_lora_file, resolve_lora_path
 
 
 def check_lora_fits(model, tensors: dict, name: str, node: str) -> None:

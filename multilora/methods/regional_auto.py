@@ -28,8 +28,7 @@ from ..core.prompt_tokens import concept_positions, token_rows
 from ..core.regions import TEXT_ALL, RegionError, normalize_regions
 from ..core.routing import sample_sigmas_of_call, sigma_of_call, step_index
 from ..core.stack import LoraRow
-from ..host.attention_capture import (ConceptAttention, capture_level, capture_size, cross_attention_levels,
-                                      install_capture)
+from ..host.attention_capture import ConceptAttention, capture_level, capture_size, cross_attention_levels, install_capture
 from ..host.dit_attention import DiTConceptAttention
 from ..host.engine import clone_with_engine
 from ..host.token_routing import model_family

@@ -15,12 +15,12 @@ from typing import Sequence
 import comfy.patcher_extension
 import comfy.samplers
 
-from ..host.engine import build_engine
-from ..core.fusion import expand_conds, fuse_branches, normalized_weights
-from ..host.onthefly import ROUTING_KEY, OnTheFlyLoras
 from ..core.errors import MultiLoRAError
+from ..core.fusion import expand_conds, fuse_branches, normalized_weights
 from ..core.routing import SWITCH_PAPER, SWITCH_SCHEDULES, ByCondIndex, SameForAll, SwitchRouting, one_hot
 from ..core.stack import LoraRow
+from ..host.engine import build_engine
+from ..host.onthefly import ROUTING_KEY, OnTheFlyLoras
 
 COMPOSITE_KEY = "multilora.composite"
 

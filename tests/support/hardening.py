@@ -19,6 +19,7 @@ import comfy.patcher_extension
 import comfy.sample
 import folder_paths
 import nodes
+
 from support import lora_files, tiny_models
 from support.executor import CAPTURED, run_prompt
 

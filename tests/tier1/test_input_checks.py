@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+
 from support.pack_loader import load_pure
 
 checks = load_pure("core.input_checks")

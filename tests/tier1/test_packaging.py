@@ -1,6 +1,7 @@
 """Registry readiness checks that need no ComfyUI: pyproject fields, no exec/eval, ignore file."""
 import ast
 import os
+
 import tomllib
 
 from support.pack_loader import REPO_ROOT
@@ -41,4 +42,5 @@ def test_comfyignore_keeps_the_runtime_files():
     with open(os.path.join(REPO_ROOT, ".comfyignore"), encoding="utf-8") as f:
         ignored = {line.strip().rstrip("/") for line in f if line.strip() and not line.startswith("#")}
     assert {"tests", "bench"} <= ignored
-    assert not ignored & {"nodes", "multilora", "js", "example_workflows", "__init__.py", "pyproject.toml", "README.md", "LICENSE"}
+    assert not ignored & {"nodes", "multilora", "js", "example_workflows", "__init__.py", "pyproject.toml", "README.md",
+                          "LICENSE"}

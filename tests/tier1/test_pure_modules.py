@@ -64,7 +64,7 @@ def test_layers_import_only_earlier_layers(layer, module):
         assert os.path.isfile(os.path.join(PACK, target_layer, f"{target_module}.py")), target
 
 
-@pytest.mark.parametrize("layer,module", [(l, m) for l, m in pack_files() if l == "core" or m in PURE_HOST])
+@pytest.mark.parametrize("layer,module", [(lay, m) for lay, m in pack_files() if lay == "core" or m in PURE_HOST])
 def test_pure_modules_import_no_host_even_transitively(layer, module):
     for target in {f"{layer}.{module}"} | pure_closure(layer, module):
         absolute, _ = imports_of(*target.split("."))
@@ -88,7 +88,7 @@ def test_layering_check_catches_a_host_import_through_a_relative_one(tmp_path, m
 def test_module_map_names_every_module():
     with open(os.path.join(PACK, "__init__.py"), encoding="utf-8") as f:
         doc = ast.get_docstring(ast.parse(f.read()))
-    missing = [f"{l}/{m}" for l, m in pack_files() if m != "__init__" and f"``{m}``" not in doc]
+    missing = [f"{lay}/{m}" for lay, m in pack_files() if m != "__init__" and f"``{m}``" not in doc]
     assert not missing, f"multilora/__init__.py's module map leaves out {missing}"
 
 

@@ -1,5 +1,6 @@
 """Tier 1: LoRA Switch's two schedules (core.routing), no ComfyUI."""
 import pytest
+
 from support.pack_loader import load_pure
 
 routing = load_pure("core.routing")

@@ -10,6 +10,7 @@ import comfy.sample
 import comfy.samplers
 import folder_paths
 import nodes
+
 from support import lora_files, tiny_models
 
 PROMPT = "a photo of a cat and a dog in a park"
@@ -100,7 +101,8 @@ def test_gradient_matches_finite_difference(ml, world):
 
     latent = torch.zeros(1, 4, 8, 8)
     sigmas = comfy.samplers.KSampler(clone, 6, "cpu", "euler", "normal", 1.0).sigmas
-    guider.sample(comfy.sample.prepare_noise(latent, 1), latent, comfy.samplers.KSAMPLER(probe), sigmas, disable_pbar=True, seed=1)
+    guider.sample(comfy.sample.prepare_noise(latent, 1), latent, comfy.samplers.KSAMPLER(probe), sigmas, disable_pbar=True,
+                  seed=1)
     assert abs(seen["numeric"]) > 1e-6
     assert seen["analytic"] == pytest.approx(seen["numeric"], rel=2e-2, abs=1e-5)
     assert hooks_left(model) == 0 and weight_functions_left(model) == 0
@@ -208,7 +210,8 @@ def test_clear_errors_before_sampling(ml, world):
     def go(prompt=PROMPT, rows=rows, model=model, **kw):
         return clora.clora_sample(model, clip, prompt, "", rows, 1, 2, "euler", "normal", latent, 1.0, settings(ml, **kw))
 
-    with pytest.raises(errors.MultiLoRAError, match=r"CLoRA: concept word 'dog' is not in the prompt 'a cat and a puppy'\. Use a word that appears in the prompt\."):
+    with pytest.raises(errors.MultiLoRAError, match=r"CLoRA: concept word 'dog' is not in the prompt 'a cat and a puppy'\. "
+                                                    r"Use a word that appears in the prompt\."):
         go("a cat and a puppy")
     with pytest.raises(errors.MultiLoRAError, match="CLoRA: needs at least 2 LoRAs with concept words, the stack has 1"):
         go(rows=[rows[0], rows[2]])
@@ -308,9 +311,11 @@ def test_gradient_and_run_under_inference_mode_like_the_executor(ml, comfy_state
 ])
 def test_capture_sites_of_full_size_unets(ml, kind, expected):
     """latent/4 cross-attention sites of the real SD1.5 and SDXL layouts (built on the meta device)."""
-    import comfy.supported_models
-    from support.pack_loader import REPO_ROOT
     import importlib.util
+
+    import comfy.supported_models
+
+    from support.pack_loader import REPO_ROOT
     spec = importlib.util.spec_from_file_location("bench_configs", os.path.join(REPO_ROOT, "bench", "bench_models.py"))
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

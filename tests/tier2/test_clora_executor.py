@@ -10,6 +10,7 @@ import comfy.sdxl_clip
 import comfy.supported_models_base
 import folder_paths
 import nodes
+
 from support import lora_files, tiny_models
 from support.executor import CAPTURED, capture, run_prompt
 

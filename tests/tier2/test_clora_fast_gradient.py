@@ -18,6 +18,7 @@ import comfy.sample
 import comfy.samplers
 import folder_paths
 import nodes
+
 from support import lora_files, tiny_models
 
 
@@ -181,7 +182,8 @@ def test_user_model_untouched_after_runs_and_cancel(ml, inference_worlds, comfy_
     def base_sample():
         with torch.inference_mode():
             return nodes.common_ksampler(model, 5, 3, 5.0, "euler", "normal", tiny_models.make_conditioning("sd15", seed=1),
-                                         tiny_models.make_conditioning("sd15", seed=2), tiny_models.make_latent("sd15"))[0]["samples"]
+                                         tiny_models.make_conditioning("sd15", seed=2),
+                                         tiny_models.make_latent("sd15"))[0]["samples"]
 
     def untouched():
         now = dict(unet.named_parameters())

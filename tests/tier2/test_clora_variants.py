@@ -4,12 +4,14 @@ ComfyUI on the tiny SD1.5 model.
 
 Each setting is checked for what it must change and for what it must leave alone: runs that differ only in
 that setting agree bit for bit where the setting has no effect (no update, or λ = 0 full masks)."""
+import pytest
+import torch
+
 import comfy.patcher_extension
 import comfy.sample
 import comfy.samplers
 import folder_paths
-import pytest
-import torch
+
 from support import lora_files, tiny_models
 
 PROMPT = "a photo of a cat and a dog in a park"

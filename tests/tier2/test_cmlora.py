@@ -7,6 +7,7 @@ import comfy.patcher_extension
 import comfy.sample
 import folder_paths
 import nodes
+
 from support import lora_files, tiny_models
 
 CFG = 5.0

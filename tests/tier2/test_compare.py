@@ -4,6 +4,7 @@ import torch
 
 import folder_paths
 import nodes
+
 from support.tiny_checkpoint import ensure_demo_loras, ensure_tiny_checkpoint
 
 

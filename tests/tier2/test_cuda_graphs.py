@@ -3,7 +3,8 @@
 CI has no GPU, so the graph backend is the CPU stand-in of ``support.graph_replay``: capture traces the
 body into an aten graph whose Python control flow is frozen, replay runs it on the same static buffers and
 weights, as a CUDA graph does (so a replay of a stale capture gives a wrong result, tested below). What is
-checked here is everything around the graph — inputs copied into the static buffers on every call, a clone returned, one capture per call
+checked here is everything around the graph — inputs copied into the static buffers on every call, a clone returned,
+one capture per call
 signature, routing and in-place merged weights (LoRA Switch) picked up by later replays, calls that must
 stay eager (patches, other wrappers, autograd, a failing capture), Cancel during capture, and nothing left
 behind after the run. Results must be bit-identical to the same method with graphs off (same ops on the
@@ -19,6 +20,7 @@ import torch
 import comfy.model_management
 import comfy.patcher_extension
 import comfy.sample
+
 from support import lora_files, tiny_models
 from support.graph_replay import ReplayByRerun, ReplayByTrace
 
@@ -191,7 +193,8 @@ def test_graphs_and_buffers_are_dropped_when_the_run_ends(ml, world):
 def test_environment_switch_turns_graphs_off(ml, world, monkeypatch):
     model, names = world["sd15"]
     monkeypatch.setenv("MULTILORA_CUDA_GRAPHS", "0")
-    assert graph_wrapper(ml("methods.switch_composite").composite_model(model, rows(ml, names[:2]), None, "test")).enabled is False
+    composite = ml("methods.switch_composite").composite_model(model, rows(ml, names[:2]), None, "test")
+    assert graph_wrapper(composite).enabled is False
     monkeypatch.setenv("MULTILORA_CUDA_GRAPHS", "1")
     assert graph_wrapper(ml("methods.switch_composite").composite_model(model, rows(ml, names[:2]), None, "test")).enabled is True
 

@@ -13,6 +13,7 @@ import torch
 
 import comfy.sd
 import folder_paths
+
 from support import lora_files, tiny_models
 
 FORMATS = {
@@ -119,5 +120,6 @@ def test_second_build_reads_no_file(comfy_state, ml, models):
 def test_lora_for_another_family_is_a_clear_error(comfy_state, ml, models):
     names = write_pair(comfy_state, models["sdxl"], "sdxl", "kohya")
     rows = rows_of(ml, names)
-    with pytest.raises(ml("core.errors").LoraFileError, match=r"test: LoRA 'eq_sdxl_kohya_1.safetensors' matched 0 of its \d+ tensors in this Flux model"):
+    with pytest.raises(ml("core.errors").LoraFileError, match=r"test: LoRA 'eq_sdxl_kohya_1.safetensors' matched 0 of its \d+ "
+                                                                 r"tensors in this Flux model"):
         ml("host.engine").build_engine(models["flux"], rows, "test")

@@ -9,6 +9,7 @@ import comfy.patcher_extension
 import comfy.sd
 import folder_paths
 import nodes
+
 from support import lora_files, tiny_models
 
 STEPS = 6

@@ -22,11 +22,12 @@ import types
 
 import pytest
 import torch
+
+import nodes
+
 from support import tiny_models
 from support.executor import CAPTURED, PromptFailed, capture, run_prompt
 from support.hardening import counted, errors, forget_dead_loaded_models, w  # noqa: F401
-
-import nodes
 
 ROW_FIELDS = ("lora", "on", "strength_model", "strength_clip", "category", "concept", "trigger")
 ROW_INPUT = re.compile(rf"^({'|'.join(ROW_FIELDS)})_(\d+)$")

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import nodes
+
 from support.hardening import errors, fails_before_sampling, forget_dead_loaded_models, run_node, w  # noqa: F401
 
 
@@ -76,9 +77,11 @@ def test_clora_opt_until_zero_runs_no_update(w):
 
 
 def test_clora_out_of_range_settings(w, errors):
-    fails_before_sampling(w, "clora", ValueError, r"^KSampler \(CLoRA\): 'mask_threshold' is -0\.1, out of range\. Set a value from 0 to 1\.",
+    fails_before_sampling(w, "clora", ValueError,
+                          r"^KSampler \(CLoRA\): 'mask_threshold' is -0\.1, out of range\. Set a value from 0 to 1\.",
                           mask_threshold=-0.1)
-    fails_before_sampling(w, "clora", errors.MultiLoRAError, r"^KSampler \(CLoRA\): 'opt_until' is 1\.5, out of range\. Set a value from 0 to 1\.",
+    fails_before_sampling(w, "clora", errors.MultiLoRAError,
+                          r"^KSampler \(CLoRA\): 'opt_until' is 1\.5, out of range\. Set a value from 0 to 1\.",
                           opt_until=1.5)
 
 

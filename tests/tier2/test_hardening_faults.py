@@ -16,10 +16,9 @@ import pytest
 import torch
 
 import comfy.model_management
-from support import tiny_models
-from support.hardening import (APPLY_MODEL, METHODS, Fault, counted, forget_dead_loaded_models,  # noqa: F401
-                               samples_of, w)
 
+from support import tiny_models
+from support.hardening import APPLY_MODEL, METHODS, Fault, counted, forget_dead_loaded_models, samples_of, w  # noqa: F401
 
 ERRORS = {"cancel": comfy.model_management.InterruptProcessingException,
           "cancel_flag": comfy.model_management.InterruptProcessingException,

@@ -26,9 +26,19 @@ import torch
 
 import folder_paths
 import nodes
+
 from support import lora_files, tiny_models
-from support.hardening import (NODE_NAMES, RUN_TOL, base_sample, errors, fails_before_sampling,  # noqa: F401
-                               forget_dead_loaded_models, refresh, samples_of, w)
+from support.hardening import (  # noqa: F401
+    NODE_NAMES,
+    RUN_TOL,
+    base_sample,
+    errors,
+    fails_before_sampling,
+    forget_dead_loaded_models,
+    refresh,
+    samples_of,
+    w,
+)
 
 
 def test_missing_file_through_the_engine_and_a_sampler_node(w, ml, errors):

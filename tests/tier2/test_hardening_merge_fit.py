@@ -8,6 +8,9 @@ import os
 
 import pytest
 import torch
+
+import nodes
+
 from support import hardening, lora_files, tiny_models
 from support.executor import CAPTURED, PromptFailed, run_prompt
 from support.hardening import (  # noqa: F401
@@ -21,8 +24,6 @@ from support.hardening import (  # noqa: F401
 )
 from support.pack_loader import REPO_ROOT
 from support.workflow_api import ui_to_api
-
-import nodes
 
 APPLY = "Apply LoRA Stack"
 IGNORE = "ignore like ComfyUI"

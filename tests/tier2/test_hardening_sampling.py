@@ -19,9 +19,22 @@ import torch
 
 import comfy.samplers
 import nodes
+
 from support import lora_files, tiny_models
-from support.hardening import (APPLY_MODEL, RUN_TOL, CallCounter, METHODS, errors, forget_dead_loaded_models,  # noqa: F401
-                               fails_before_sampling, leak_state, refresh, run_node, samples_of, w)
+from support.hardening import (  # noqa: F401
+    APPLY_MODEL,
+    METHODS,
+    RUN_TOL,
+    CallCounter,
+    errors,
+    fails_before_sampling,
+    forget_dead_loaded_models,
+    leak_state,
+    refresh,
+    run_node,
+    samples_of,
+    w,
+)
 
 
 def _latent(case):
@@ -134,7 +147,8 @@ def test_1536x640_latent_on_sdxl(w, sdxl, method):
 def test_other_node_inputs_out_of_range(w, ml, errors):
     fails_before_sampling(w, "switch", ValueError, r"^KSampler \(LoRA Switch\): 'switch_every' is 0, out of range\. "
                           r"Set a value from 1 to 10000\.", switch_every=0)
-    fails_before_sampling(w, "cmlora", ValueError, r"^KSampler \(CMLoRA\): 'stage_switch' is 1\.2, out of range\. Set a value from 0 to 1\.",
+    fails_before_sampling(w, "cmlora", ValueError,
+                          r"^KSampler \(CMLoRA\): 'stage_switch' is 1\.2, out of range\. Set a value from 0 to 1\.",
                           stage_switch=1.2)
     fails_before_sampling(w, "cmlora", ValueError, r"ordering 'profiled scores' needs a score for every row",
                           ordering="profiled scores")

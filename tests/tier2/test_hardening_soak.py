@@ -22,10 +22,22 @@ import torch
 import comfy.model_management
 import execution
 import nodes
+
 from support import lora_files, tiny_models
 from support.executor import CACHE_ARGS, CAPTURED, ServerStub
-from support.hardening import (CFG, INPUTS, PROMPT, Fault, forget_dead_loaded_models, leak_state, refresh,  # noqa: F401
-                               register_inputs, samples_of, sampler_node, w)
+from support.hardening import (  # noqa: F401
+    CFG,
+    INPUTS,
+    PROMPT,
+    Fault,
+    forget_dead_loaded_models,
+    leak_state,
+    refresh,
+    register_inputs,
+    sampler_node,
+    samples_of,
+    w,
+)
 
 PROMPTS = 50
 CACHE_BOUND = 4

@@ -20,11 +20,28 @@ import torch
 
 import folder_paths
 import nodes
+
 from support import lora_files
 from support.executor import CAPTURED, PromptFailed, capture, run_prompt
-from support.hardening import (CFG, METHODS, NODE_NAMES, RUN_TOL, UNICODE_NAME, base_sample, errors,  # noqa: F401
-                               fails_before_sampling, forget_dead_loaded_models, refresh, register_inputs, run_all,
-                               sample, sampler_node, samples_of, stack_rows, w)
+from support.hardening import (  # noqa: F401
+    CFG,
+    METHODS,
+    NODE_NAMES,
+    RUN_TOL,
+    UNICODE_NAME,
+    base_sample,
+    errors,
+    fails_before_sampling,
+    forget_dead_loaded_models,
+    refresh,
+    register_inputs,
+    run_all,
+    sample,
+    sampler_node,
+    samples_of,
+    stack_rows,
+    w,
+)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -64,7 +81,8 @@ def test_stack_node_bad_rows(w, ml, errors):
     with pytest.raises(errors.StackError, match=r"^LoRA Stack: row 1: LoRA file 'nope\.safetensors' was not found"):
         node.execute(rows=1, lora_1="nope.safetensors")
     with pytest.raises(errors.InputError, match=r"^LoRA Stack: row 1: 'category_1' is 'hero', which is not an option\. "
-                                                r"Pick one of: 'character', 'clothing', 'style', 'background', 'object', 'other'\.$"):
+                                                r"Pick one of: 'character', 'clothing', 'style', 'background', "
+                                                r"'object', 'other'\.$"):
         node.execute(rows=1, lora_1=w.good[0], category_1="hero")
     with pytest.raises(errors.InputError, match=r"^LoRA Stack: 'lora_stack' must come from a LoRA Stack node, got "
                                                 r"\['not', 'a', 'stack'\] \(list\)\. Connect a LoRA Stack node to it\.$"):

@@ -6,6 +6,7 @@ import torch
 
 import folder_paths
 import nodes
+
 from support import lora_files, tiny_models
 
 

@@ -16,6 +16,7 @@ import comfy.sd
 import comfy.utils
 import folder_paths
 import nodes
+
 from support import lora_files, tiny_models
 
 KINDS = ("sd15", "sdxl", "flux")

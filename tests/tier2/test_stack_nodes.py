@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 import folder_paths
+
 from support.executor import CAPTURED, PromptFailed, capture, run_prompt
 
 

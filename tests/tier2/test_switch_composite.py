@@ -13,6 +13,7 @@ import comfy.samplers
 import comfy.sd
 import folder_paths
 import nodes
+
 from support import lora_files, tiny_models
 
 CFG = 5.0
@@ -183,7 +184,8 @@ def test_switch_as_the_authors_code_gives_the_first_lora_tau_plus_one_steps(ml, 
     torch.testing.assert_close(run(patched, "sd15", sampler=sampler, steps=steps),
                                run(methods.switch_model(model, stack_of(ml, names).active(), tau, "test", authors),
                                    "sd15", sampler=sampler, steps=steps), atol=0, rtol=0)
-    with pytest.raises(ml("core.errors").MultiLoRAError, match=r"^LoRA Switch \(model patch\): 'schedule' is 'paper', which is not an option\. Pick one of: "):
+    with pytest.raises(ml("core.errors").MultiLoRAError, match=r"^LoRA Switch \(model patch\): 'schedule' is 'paper', "
+                                                               r"which is not an option\. Pick one of: "):
         node.execute(model=model, lora_stack=stack_of(ml, names), switch_every=tau, schedule="paper")
 
 
@@ -245,7 +247,8 @@ def test_clear_errors(ml, world, caplog):
         methods.switch_model(model, stack_of(ml, names).active(), 0, "LoRA Switch")
     sdxl_model, sdxl_names = world["sdxl"]
     flux = tiny_models.build_tiny("flux")
-    with pytest.raises(errors.LoraFileError, match=r"KSampler \(LoRA Composite\): LoRA 'sc_sdxl_31.safetensors' matched 0 of its \d+ tensors in this Flux model"):
+    with pytest.raises(errors.LoraFileError, match=r"KSampler \(LoRA Composite\): LoRA 'sc_sdxl_31.safetensors' "
+                                                    r"matched 0 of its \d+ tensors in this Flux model"):
         methods.composite_model(flux, stack_of(ml, sdxl_names[:1]).active(), None, "KSampler (LoRA Composite)")
     caplog.clear()
     methods.composite_model(model, stack_of(ml, sdxl_names[:1]).active(), None, "KSampler (LoRA Composite)")

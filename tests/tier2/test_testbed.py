@@ -79,7 +79,8 @@ def test_dit_is_comfyuis_flux_and_its_training_forward_equals_comfyuis(tb, train
     dm = patcher.model.diffusion_model
     assert isinstance(dm, comfy.ldm.flux.model.Flux) and len(dm.double_blocks) == 2 and len(dm.single_blocks) == 4
     gen = torch.Generator().manual_seed(0)
-    x, ctx, y = torch.randn(2, 16, 64, 64, generator=gen), torch.randn(2, 77, 64, generator=gen), torch.randn(2, 64, generator=gen)
+    x, ctx = torch.randn(2, 16, 64, 64, generator=gen), torch.randn(2, 77, 64, generator=gen)
+    y = torch.randn(2, 64, generator=gen)
     sigma = torch.tensor([0.3, 0.9])
     with torch.no_grad():
         ours = tb["dit_model"].dit_forward(dm, x, sigma, ctx, y)

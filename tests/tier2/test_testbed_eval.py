@@ -29,11 +29,13 @@ def core():
 
 @pytest.fixture(scope="module", params=["unet", "dit"])
 def ctx(request, ml, core, tmp_path_factory):
-    import detector
+    from safetensors.torch import save_file
+
     import folder_paths
+
+    import detector
     import objectives
     import train
-    from safetensors.torch import save_file
     arch = request.param
     model, clip = objectives.load(arch, WEIGHTS, torch.device("cpu"))
     loras = tmp_path_factory.mktemp(f"loras_{arch}")

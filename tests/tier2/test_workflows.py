@@ -21,12 +21,19 @@ from PIL import Image
 
 import folder_paths
 import nodes
+
 from support.executor import PromptFailed, run_prompt
 from support.pack_loader import REPO_ROOT
 from support.saved_images import compare_methods, saved_image_size
 from support.tiny_checkpoint import DEMO_LORAS, ensure_demo_loras, ensure_tiny_checkpoint
-from support.workflow_api import (CONTROL_AFTER_GENERATE, CONTROL_VALUES, WorkflowError, ui_to_api,
-                                  unknown_node_types, widget_names)
+from support.workflow_api import (
+    CONTROL_AFTER_GENERATE,
+    CONTROL_VALUES,
+    WorkflowError,
+    ui_to_api,
+    unknown_node_types,
+    widget_names,
+)
 
 WORKFLOWS_DIR = os.path.join(REPO_ROOT, "example_workflows")
 WORKFLOW_FILES = sorted(glob.glob(os.path.join(WORKFLOWS_DIR, "*.json")))
@@ -328,7 +335,8 @@ def test_ui_to_api_maps_widgets_in_frontend_order():
     sampler = prompt[by_type["MultiLoRASwitchSampler"]]["inputs"]
     assert sampler == {  # the saved "fixed" after the seed is the frontend's control widget, not sent
         "seed": 42, "steps": 20, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0,
-        "switch_every": 5, "schedule": "⌊i/τ⌋ mod k", "model": [by_type["CheckpointLoaderSimple"], 0], "lora_stack": [by_type["MultiLoRAStack"], 0],
+        "switch_every": 5, "schedule": "⌊i/τ⌋ mod k", "model": [by_type["CheckpointLoaderSimple"], 0],
+        "lora_stack": [by_type["MultiLoRAStack"], 0],
         "positive": [sampler["positive"][0], 0], "negative": [sampler["negative"][0], 0],
         "latent_image": [by_type["EmptyLatentImage"], 0],
     }
