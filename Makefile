@@ -25,9 +25,8 @@ BIN_033 := $(VENV_033)/bin
 STAMP_033 := $(VENV_033)/.multilora-deps
 HAVE_033 := $(wildcard $(COMFY_033_SRC)/comfyui_version.py)
 
-# TODO(lint): make `test` depend on `lint` once the repository-wide `ruff check --fix` has landed:
-# test: lint test-0.3.75 $(if $(HAVE_033),test-0.33)
-test: test-0.3.75 $(if $(HAVE_033),test-0.33)
+# ruff first (seconds), then every tier on each ComfyUI version.
+test: lint test-0.3.75 $(if $(HAVE_033),test-0.33)
 
 test-0.3.75: $(STAMP) $(BROWSER_STAMP)
 	$(BIN)/pytest tests -q -rs
