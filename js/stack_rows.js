@@ -12,10 +12,13 @@ function rowOf(widget) {
   return Number(match[2]);
 }
 
-// The frontend lays widgets out by computeSize() whether or not they are hidden, so a hidden row gets a
-// zero-height one. Most widgets have no computeSize of their own (the layout then uses the default row
-// height): on showing, an own one is put back and a borrowed one deleted, or the row keeps zero height and
-// is drawn on top of the next widget.
+// Two renderers draw these widgets. The classic canvas (LiteGraph) lays widgets out by computeSize()
+// whether or not they are hidden, so a hidden row gets a zero-height one. Most widgets have no computeSize
+// of their own (the layout then uses the default row height): on showing, an own one is put back and a
+// borrowed one deleted, or the row keeps zero height and is drawn on top of the next widget.
+// The Vue node renderer ("Nodes 2.0", setting Comfy.VueNodes.Enabled) ignores both and leaves out the
+// widgets whose options.hidden is set; it reads the options when the node's widget list changes, so
+// applyRows() touches that list once it has set them (refreshVueWidgets).
 const SAVED = Symbol("multilora.computeSize");
 
 function setHidden(widget, hidden) {
@@ -30,6 +33,18 @@ function setHidden(widget, hidden) {
     else delete widget.computeSize;
   }
   widget.hidden = hidden;
+  if (widget.options) widget.options.hidden = hidden;
+}
+
+// The Vue renderer keeps a reactive copy of node.widgets and re-reads every widget's options when that
+// array changes length; taking the last widget off and putting it back is such a change, and a no-op for
+// the classic canvas and for serialization. (Frontend 1.49. The experimental Vue renderer of 1.32 stops
+// re-reading them after a node's first value change: there a changed row count shows after a reload.)
+function refreshVueWidgets(node) {
+  const widgets = node.widgets;
+  if (!widgets?.length) return;
+  const last = widgets.pop();
+  widgets.push(last);
 }
 
 function applyRows(node) {
@@ -41,6 +56,7 @@ function applyRows(node) {
     const row = rowOf(widget);
     if (row !== null) setHidden(widget, row > rows);
   }
+  refreshVueWidgets(node);
   const size = node.computeSize();
   node.setSize([Math.max(node.size[0], size[0]), size[1]]);
   node.setDirtyCanvas(true, true);

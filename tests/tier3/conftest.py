@@ -16,7 +16,7 @@ import pytest
 
 from tier3.make_models import ensure_models
 from tier3.server import ComfyServer
-from tier3.ui import CHROMIUM, CHROMIUM_ARGS, VIEWPORT, ComfyPage
+from tier3.ui import CHROMIUM, CHROMIUM_ARGS, RENDERERS, VIEWPORT, ComfyPage
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ARTIFACTS = os.path.join(HERE, "artifacts")
@@ -122,4 +122,18 @@ def ui(request, browser, comfy, artifacts) -> Iterator[ComfyPage]:
                 f.write("\n".join(console + [f"[blocked] {u}" for u in blocked]) + "\n")
                 f.write("\n--- server log (tail) ---\n" + comfy.log_tail())
         context.close()
+        for setting in comfy_page.changed_settings:  # stored for the user: back to the default (off)
+            comfy.request(f"/api/settings/{setting}", data=False)
+
+
+@pytest.fixture(params=RENDERERS)
+def renderer(request, ui) -> str:
+    """Runs a test under each node renderer: the classic canvas and the Vue nodes ("Nodes 2.0"); skipped,
+    with the reason, where the frontend's renderer cannot do what the test checks (see
+    ``ComfyPage.renderer_unsupported``)."""
+    reason = ui.renderer_unsupported(request.param)
+    if reason:
+        pytest.skip(reason)
+    ui.use_renderer(request.param)
+    return request.param
 

@@ -7,6 +7,8 @@ it boots ComfyUI headless, which the browser tier's pytest process does not need
 """
 from __future__ import annotations
 
+import glob
+import json
 import os
 import subprocess
 import sys
@@ -25,11 +27,28 @@ MODEL_FILES = (f"checkpoints/{CHECKPOINT_NAME}", "loras/demo_character.safetenso
                "loras/demo_style.safetensors", "loras/demo_background.safetensors")
 
 
+def workflow_checkpoints() -> list[str]:
+    """Every checkpoint name an example workflow loads (the SDXL one of the Regional workflow included)."""
+    names = set()
+    for path in glob.glob(os.path.join(REPO_ROOT, "example_workflows", "*.json")):
+        with open(path, encoding="utf-8") as f:
+            for node in json.load(f)["nodes"]:
+                if node["type"] == "CheckpointLoaderSimple":
+                    names.add(node["widgets_values"][0])
+    return sorted(names)
+
+
 def ensure_models(models_dir: str = MODELS_CACHE) -> str:
-    """``models_dir`` with every file of MODEL_FILES, written by this script in a child process if missing."""
+    """``models_dir`` with every file of MODEL_FILES, written by this script in a child process if missing,
+    and the tiny checkpoint under every other checkpoint name a workflow uses (a link: the CPU runs them
+    all on the tiny SD1.5 model, as tier 2 does)."""
     if not all(os.path.exists(os.path.join(models_dir, f)) for f in MODEL_FILES):
         subprocess.run([sys.executable, os.path.abspath(__file__), models_dir], check=True, timeout=900,
                        stdout=subprocess.DEVNULL)
+    for name in workflow_checkpoints():
+        alias = os.path.join(models_dir, "checkpoints", name)
+        if not os.path.lexists(alias):
+            os.symlink(CHECKPOINT_NAME, alias)
     return models_dir
 
 

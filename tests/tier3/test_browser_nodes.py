@@ -6,7 +6,8 @@ import pytest
 PACK_NODES = (
     "MultiLoRAStack", "MultiLoRAApplyStack", "MultiLoRASwitchSampler", "MultiLoRASwitch",
     "MultiLoRACompositeSampler", "MultiLoRACompositeGuider", "MultiLoRACLoRASampler", "MultiLoRAMaskPreview",
-    "MultiLoRACMLoRASampler", "MultiLoRAFrequencyProfile", "MultiLoRACompare",
+    "MultiLoRACMLoRASampler", "MultiLoRAFrequencyProfile", "MultiLoRACompare", "MultiLoRARegionalSampler",
+    "MultiLoRARegional",
 )
 """Node IDs released so far: saved workflows store them, so none may disappear."""
 

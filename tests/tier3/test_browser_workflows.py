@@ -67,8 +67,7 @@ def test_workflow_opens_runs_and_shows_its_images(ui, comfy, path):
             continue
         text = history["outputs"][str(node["id"])]["text"]
         assert len(text) == 1 and text[0].startswith("| method | seconds |"), text
-        ui.page.wait_for_function("([id, text]) => window.app.graph.getNodeById(id).widgets"
-                                  ".some(w => w.name === 'preview' && w.value === text)", arg=[node["id"], text[0]])
+        ui.wait_for_widget_showing(node["id"], text[0])
 
     for node in workflow["nodes"]:
         if node["type"] != "MultiLoRAMaskPreview":
@@ -83,7 +82,7 @@ def test_workflow_opens_runs_and_shows_its_images(ui, comfy, path):
 
 def test_a_workflow_with_an_unknown_node_is_flagged(ui, tmp_path):
     """A copy of a workflow whose LoRA Stack became an unknown node type: the same check that passes the
-    real workflows above reports it (and the frontend shows its missing-nodes dialog), so a workflow that
+    real workflows above reports it (and the frontend shows its missing-nodes dialog or toast), so a workflow that
     references a node this pack no longer has fails the suite."""
     source = os.path.join(REPO_ROOT, "example_workflows", "multilora_merge.json")
     broken = copy.deepcopy(load(source))
@@ -93,7 +92,7 @@ def test_a_workflow_with_an_unknown_node_is_flagged(ui, tmp_path):
     path.write_text(json.dumps(broken), encoding="utf-8")
 
     ui.open_workflow(str(path))
-    ui.page.locator(".comfy-missing-nodes").wait_for(timeout=10_000)
+    ui.wait_for_missing_nodes_dialog()
     problems = ui.problems()
     assert "missing node type MultiLoRANoSuchNode" in problems
     assert any(p.startswith("missing-nodes dialog") and "MultiLoRANoSuchNode" in p for p in problems)

@@ -3,6 +3,12 @@
 Workflows are opened through the frontend's own file input (what *Workflow → Open* and drag-and-drop use),
 nodes are added through the node search box, buttons are clicked with the mouse and prompts are queued with
 the *Run* button. Graph read-outs come from ``page_helpers.js`` (``window.multiloraTest``).
+
+Two frontends are driven: 1.32 (ComfyUI 0.3.75) and 1.49 (ComfyUI 0.33.0). Where their pages differ, the
+part is found by what the page shows, never by a version number: ``PARTS`` names each part by one CSS
+selector that matches it on either frontend, and ``page_helpers.js`` reads a node's widgets from whichever
+renderer draws it (the classic canvas or the Vue node renderer, "Nodes 2.0"). The tests use only the
+methods of ``ComfyPage``.
 """
 from __future__ import annotations
 
@@ -33,6 +39,25 @@ SCALED_DOWN = {
 """Widget values set before queueing a workflow on the CPU: 64x64 latent, 4 steps, CLoRA with 2 refinement
 iterations, LoRA Switch every step (so 4 steps still cycle through the LoRAs), as the tier-2 workflow tests."""
 
+PARTS = {
+    # The node search box's text input: 1.32's PrimeVue AutoComplete, 1.49's "Add a node..." dialog.
+    "search_input": ".comfy-vue-node-search-box input, input[role=combobox][aria-controls=results-list]",
+    # Its suggestions (the title is the first line of each).
+    "search_option": ".comfy-vue-node-search-container li[role=option], [data-testid=result-item]",
+    # Run: a button inside the queue split button (1.32), the button itself (1.49).
+    "run_button": '[data-testid="queue-button"] button, button[data-testid="queue-button"]',
+    # The file name box of the prompt dialog Save opens (both: role=dialog labelled by "global-prompt").
+    "prompt_input": "[role=dialog][aria-labelledby=global-prompt] input",
+    # Missing node types on loading a workflow: 1.32's dialog, 1.49's error toast ("Missing node: X").
+    "missing_nodes": ".comfy-missing-nodes, [data-testid=error-overlay]:has-text('Missing node')",
+}
+"""The frontend's parts the tests touch, each as one selector for both frontends."""
+
+RENDERERS = ("classic", "vue")
+"""The node renderers: the classic LiteGraph canvas and the Vue nodes of setting ``VUE_NODES_SETTING``."""
+VUE_NODES_SETTING = "Comfy.VueNodes.Enabled"
+"""'Modern Node Design (Nodes 2.0)' in the frontend's settings (frontends 1.32 and 1.49, off by default)."""
+
 with open(os.path.join(HERE, "page_helpers.js"), encoding="utf-8") as _f:
     PAGE_HELPERS = _f.read()
 
@@ -43,6 +68,8 @@ class ComfyPage:
     def __init__(self, page: Page, url: str) -> None:
         self.page = page
         self.url = url
+        self.changed_settings: set[str] = set()
+        """Settings this page changed; they are stored on the server, the ``ui`` fixture resets them."""
 
     def open(self) -> None:
         self.page.goto(self.url)
@@ -81,9 +108,20 @@ class ComfyPage:
         return next(w["value"] for w in self.widgets(node_id) if w["name"] == name)
 
     def missing_nodes_dialog(self) -> str | None:
-        """Text of the frontend's 'missing node types' dialog, or None when it is not shown."""
-        dialog = self.page.locator(".comfy-missing-nodes")
-        return dialog.inner_text() if dialog.count() and dialog.first.is_visible() else None
+        """Text of the frontend's 'missing node types' dialog (or toast), or None when it is not shown."""
+        dialog = self.page.locator(PARTS["missing_nodes"])
+        return dialog.first.inner_text() if dialog.count() and dialog.first.is_visible() else None
+
+    def wait_for_missing_nodes_dialog(self, timeout_ms: int = 10_000) -> None:
+        self.page.locator(PARTS["missing_nodes"]).first.wait_for(timeout=timeout_ms)
+
+    def renderer(self, node_id: int) -> str:
+        """``"vue"`` or ``"classic"``: what draws the node now."""
+        return self.js("id => multiloraTest.renderer(id)", node_id)
+
+    def shown_widgets(self, node_id: int) -> list[dict]:
+        """The widgets the node shows, top to bottom: name, y and height (canvas units), either renderer."""
+        return self.js("id => multiloraTest.shownWidgets(id)", node_id)
 
     def problems(self) -> list[str]:
         """Everything that would make a loaded workflow unusable: node types the frontend does not know
@@ -98,6 +136,32 @@ class ComfyPage:
         return found
 
     # -- acting -------------------------------------------------------------------------------------------
+    def renderer_unsupported(self, renderer: str) -> str | None:
+        """Why the LoRA Stack's rows cannot follow + / − under that node renderer here, or None.
+
+        Both frontends have the Vue renderer (it knows the setting), but only one whose widgets keep their
+        state in the frontend's widget store (a widget has a ``widgetId``: frontend 1.49) re-reads a
+        widget's options after the node changed. Frontend 1.32's experimental one copies them when it
+        first draws the node and again only on the first value change, so rows shown or hidden later stay
+        as they were until the workflow is loaded again."""
+        if renderer == "classic":
+            return None
+        if self.js("id => window.app.extensionManager.setting.get(id) === undefined", VUE_NODES_SETTING):
+            return "this frontend has no Vue node renderer"
+        if not self.js("() => 'widgetId' in window.LiteGraph.createNode('MultiLoRAStack').widgets[0]"):
+            return ("this frontend's experimental Vue node renderer copies widget options once (no widget "
+                    "store), so rows shown or hidden after the first change are not redrawn")
+        return None
+
+    def use_renderer(self, renderer: str) -> None:
+        """Switch the node renderer as the settings dialog does (the setting is stored for the user on the
+        server, so the ``ui`` fixture switches back to classic afterwards); the open graph is redrawn."""
+        assert renderer in RENDERERS, renderer
+        self.changed_settings.add(VUE_NODES_SETTING)
+        self.js("([id, on]) => window.app.extensionManager.setting.set(id, on)",
+                [VUE_NODES_SETTING, renderer == "vue"])
+        self.page.wait_for_timeout(500)
+
     def open_workflow(self, path: str) -> None:
         """Open a workflow file through the frontend's file input; wait until all its nodes are in the graph."""
         with open(path, encoding="utf-8") as f:
@@ -123,17 +187,44 @@ class ComfyPage:
                         self.set_widget(node_id, name, value)
 
     def click_widget(self, node_id: int, name: str) -> None:
-        """A real mouse click on a canvas widget (e.g. a button) of a node."""
-        point = self.js("([id, name]) => multiloraTest.widgetCenter(id, name)", [node_id, name])
+        """A real mouse click on a widget (e.g. a button) of a node, drawn on the canvas or as a Vue node:
+        the view is moved onto the widget first, once it is not moving any more (a view still panning
+        would carry the widget away from the point clicked)."""
+        self.wait_view_settled()
+        self.js("([id, name]) => multiloraTest.revealWidget(id, name)", [node_id, name])
         self.page.wait_for_timeout(200)
+        point = self.js("([id, name]) => multiloraTest.widgetCenter(id, name)", [node_id, name])
         self.page.mouse.click(point["x"], point["y"])
         self.page.wait_for_timeout(150)
+
+    def wait_view_settled(self, timeout_s: float = 5.0) -> None:
+        """Until the canvas view (offset, zoom) stays the same for 200 ms."""
+        view = "() => [...window.app.canvas.ds.offset, window.app.canvas.ds.scale]"
+        deadline = time.monotonic() + timeout_s
+        last = self.js(view)
+        while time.monotonic() < deadline:
+            self.page.wait_for_timeout(200)
+            now = self.js(view)
+            if now == last:
+                return
+            last = now
+
+    def save_workflow(self, name: str) -> None:
+        """The frontend's own Save (Ctrl+S) under ``name``, into the user's workflows folder."""
+        self.page.keyboard.press("Control+s")
+        name_box = self.page.locator(PARTS["prompt_input"])
+        name_box.wait_for(timeout=10_000)
+        name_box.fill(name)
+        self.page.keyboard.press("Enter")
+        self.page.wait_for_function("sel => !document.querySelector(sel)", arg=PARTS["prompt_input"],
+                                    timeout=10_000)
+        self.page.wait_for_timeout(500)
 
     def open_search_box(self, attempts: int = 3) -> Locator:
         """Double-click the empty canvas until the node search box shows. A double-click that lands while
         the previous dialog is still closing (or before the canvas has focus) is dropped by the frontend,
         so it is tried again, with Escape in between, before giving up."""
-        box = self.page.locator(".comfy-vue-node-search-box input")
+        box = self.page.locator(PARTS["search_input"])
         for attempt in range(attempts):
             self.page.mouse.dblclick(VIEWPORT["width"] // 2, VIEWPORT["height"] // 2)
             try:
@@ -152,7 +243,7 @@ class ComfyPage:
         self.js("() => window.app.graph.clear()")
         box = self.open_search_box()
         box.fill(query)
-        options = self.page.locator(".comfy-vue-node-search-container li[role=option]")
+        options = self.page.locator(PARTS["search_option"])
         deadline = time.monotonic() + 10
         titles: list[str] = []
         while time.monotonic() < deadline:
@@ -164,15 +255,29 @@ class ComfyPage:
         match = [i for i, t in enumerate(options.all_inner_texts()) if t.split("\n")[0].strip() == display_name]
         if match:
             options.nth(match[0]).click()
+            self.place_ghost_node()
         else:
             self.page.keyboard.press("Escape")
         self.page.wait_for_timeout(200)
         return titles
 
+    def place_ghost_node(self) -> None:
+        """A node picked in frontend 1.49's search box follows the pointer, drawn faded (a "ghost", setting
+        Comfy.NodeSearchBoxImpl.FollowCursor), until a click puts it down: click where the search began.
+        Frontend 1.32 puts the node down at once (no ghost: nothing to do)."""
+        ghost = "window.app.graph.nodes.some(n => n.flags?.ghost) || window.app.canvas.state?.ghostNodeId != null"
+        if not self.js(f"() => {ghost}"):
+            return
+        self.page.locator(PARTS["search_input"]).wait_for(state="hidden", timeout=5_000)  # the dialog has closed
+        self.page.wait_for_timeout(200)
+        self.page.mouse.move(VIEWPORT["width"] // 2, VIEWPORT["height"] // 2)
+        self.page.mouse.click(VIEWPORT["width"] // 2, VIEWPORT["height"] // 2)
+        self.page.wait_for_function(f"() => !({ghost})", timeout=5_000)
+
     def queue(self) -> tuple[dict, dict]:
         """Click *Run*; return (the API prompt the frontend posted, the server's answer)."""
         with self.page.expect_response(lambda r: r.url.endswith("/api/prompt") and r.request.method == "POST") as info:
-            self.page.locator('[data-testid="queue-button"] button').first.click()
+            self.page.locator(PARTS["run_button"]).first.click()
         response: Response = info.value
         return response.request.post_data_json, {"status": response.status, **response.json()}
 
@@ -184,6 +289,12 @@ class ComfyPage:
             "id => (window.app.graph.getNodeById(id).imgs ?? []).some(i => i.complete && i.naturalWidth > 0)",
             arg=node_id, timeout=timeout_ms)
         return self.js("id => multiloraTest.shownImages(id)", node_id)
+
+    def wait_for_widget_showing(self, node_id: int, value: Any, timeout_ms: int = 30_000) -> None:
+        """Until one of the node's widgets holds ``value`` (an output shown on the node: Preview as Text's
+        widget is called 'preview' in frontend 1.32 and 'preview_text' in 1.49)."""
+        self.page.wait_for_function("([id, value]) => (window.app.graph.getNodeById(id).widgets ?? [])"
+                                    ".some(w => w.value === value)", arg=[node_id, value], timeout=timeout_ms)
 
     def screenshot(self, path: str) -> None:
         self.page.screenshot(path=path)
