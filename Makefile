@@ -1,6 +1,6 @@
 # `make test` sets everything up on a fresh machine (venv, torch, a real ComfyUI 0.3.75, the web frontend,
 # headless Chromium + Playwright) and runs the tests of every tier; then, where the stock ComfyUI 0.33.0 tree
-# is beside the checkout (../shared/comfyui/0.33.0), tiers 1 and 2 again against a copy of it in its own venv.
+# is beside the checkout (../shared/comfyui/0.33.0), every tier again against a copy of it in its own venv.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
