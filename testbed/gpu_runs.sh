@@ -8,12 +8,15 @@
 #                                        # (LORA_SECONDS each), then each LoRA alone at k = 1 (20 prompts)
 #   bash testbed/gpu_runs.sh all OUT     # one call: base, then loras on it (what the committed v3 weights had, with
 #                                        # BASE_SECONDS=230 LORA_SECONDS=140: the session had ~11 min of device left)
+#   bash testbed/gpu_runs.sh resume OUT W
+#                                        # one call: both bases continued from W (BASE_SECONDS, seed 1 so the batches
+#                                        # differ from the first run), then the 10 LoRAs on them (LORA_SECONDS)
 #   bash testbed/gpu_runs.sh eval OUT W ARCH
 #                                        # every method, k = 1..4, 40 prompts × 4 seeds, as parallel processes
 #                                        # (evaluate_parallel.py) on testbed ARCH (unet or dit); OUT/eval-ARCH
 #
-# base/loras leave OUT/w.tar (the weights, the layout of testbed/weights) and OUT/logs.tar: the device tool brings
-# back at most 8 files from $OUT, so copy those two there. Unpack w.tar over testbed/weights.
+# base/loras leave OUT/w.tar (the weights, the layout of testbed/weights) and OUT/logs.tar; with COPY_TO=$OUT they
+# are copied there, the weights split in 12 MB parts (the device tool brings back at most 8 files of 16 MiB). Unpack w.tar over testbed/weights.
 set -euo pipefail
 stage=${1:?base, loras or eval}
 out=${2:?output folder}
@@ -27,7 +30,13 @@ check() {  # arch, ks, methods, prompts
 pack() {
     tar -C "$w" -cf "$out/w.tar" .
     tar -C "$out" -cf "$out/logs.tar" logs
-    if [ -n "${COPY_TO:-}" ]; then cp "$out/w.tar" "$out/logs.tar" "$COPY_TO"/; fi
+    # the device tool brings back files of at most 16 MiB: the weights come back in 12 MB parts
+    # (cat w.tar.part.* > w.tar)
+    if [ -n "${COPY_TO:-}" ]; then
+        rm -f "$COPY_TO"/w.tar.part.*
+        split -b 12000000 "$out/w.tar" "$COPY_TO/w.tar.part."
+        cp "$out/logs.tar" "$COPY_TO"/
+    fi
 }
 train_bases() {
     "$py" testbed/train.py --stage detector --out "$w" --detector-steps "${DETECTOR_STEPS:-4000}" \
@@ -50,6 +59,19 @@ train_loras() {
     tail -n 1 "$out"/logs/lora_*.log
 }
 case "$stage" in
+resume)
+    src=${3:?weights folder with the bases}
+    cp -r "$src"/. "$w"/
+    for arch in unet dit; do
+        "$py" testbed/train.py --stage base --arch "$arch" --out "$w" --resume "$w" --seed 1 \
+            --base-seconds "${BASE_SECONDS:-250}" > "$out/logs/base_$arch.log" 2>&1 &
+    done
+    wait
+    tail -n 2 "$out"/logs/base_*.log
+    pack
+    train_loras
+    pack
+    ;;
 all)
     train_bases
     pack
