@@ -7,6 +7,9 @@ ComfyUI's Flux class), k = 2 / 4 random rank-16 LoRAs (``bench_models``). Rows p
     merged + graphs (b) the same merged model replayed through the pack's CUDA-graph wrapper (the fair baseline)
     on-the-fly stack    the pack's engine, all LoRAs everywhere
     regional            each LoRA in its own region (k = 2: left / right halves; k = 4: quadrants), eager and graphed
+    regional, auto      automatic masks (mask_from "concept attention", the node's defaults: 3 recording steps, then
+                        frozen) from the concept words of ``PROMPT``, eager and graphed; the text encoder is not run
+                        (the conditioning stays random), only ComfyUI's own tokenizer finds the concept tokens
 
 Each row: seconds per image (median of --repeats after a warm-up), ms/step, peak torch.cuda.max_memory_allocated,
 ratios to (a) and (b), peak memory as a multiple of (b), and graphed-vs-eager max |Δ latent|.
@@ -60,6 +63,31 @@ def region_masks(k: int, size: int):
     return masks
 
 
+PROMPT = "a knight, a witch, a robot and a dragon"
+CONCEPTS = ("knight", "witch", "robot", "dragon")
+
+
+class TokenizerOnly:
+    """What automatic masks read of a CLIP: ``tokenize`` (ComfyUI's real tokenizer of the family)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def tokenize(self, text, **kwargs):
+        return self.tokenizer.tokenize_with_weights(text, **kwargs)
+
+
+def tokenizer_clip(kind: str) -> TokenizerOnly:
+    if kind == "flux":
+        from comfy.text_encoders.flux import FluxTokenizer
+        return TokenizerOnly(FluxTokenizer(embedding_directory=None, tokenizer_data={}))
+    if kind == "sdxl":
+        from comfy.sdxl_clip import SDXLTokenizer
+        return TokenizerOnly(SDXLTokenizer(embedding_directory=None, tokenizer_data={}))
+    from comfy.sd1_clip import SD1Tokenizer
+    return TokenizerOnly(SD1Tokenizer(embedding_directory=None, tokenizer_data={}))
+
+
 def time_model(make, kind, steps, repeats, size, tiny):
     import torch
 
@@ -94,8 +122,14 @@ def run(kind, ml, ks, steps, repeats, tiny, results, out_dir):
     names, layers = write_loras(patcher, max(ks), folder)
     folder_paths.add_model_folder_path("loras", folder, is_default=True)
     stack, engine, regional = ml("core.stack"), ml("host.engine"), ml("methods.regional")
+    auto, phases = ml("methods.regional_auto"), ml("core.auto_masks").AutoMaskPhases()
+    clip = tokenizer_clip(kind)
     for k in ks:
         rows = [stack.LoraRow(n, 0.8) for n in names[:k]]
+        concept_rows = [stack.LoraRow(n, 0.8, concept=c) for n, c in zip(names[:k], CONCEPTS)]
+
+        def automatic():
+            return auto.auto_regional_model(patcher, concept_rows, [None] * k, "bench", clip, PROMPT, phases)[0]
 
         def merged():
             model = patcher
@@ -109,7 +143,9 @@ def run(kind, ml, ks, steps, repeats, tiny, results, out_dir):
                    ("on-the-fly stack, graphs", lambda: engine.clone_with_engine(
                        patcher, engine.build_engine(patcher, rows, "bench")), True),
                    ("regional, user masks, eager", lambda: regional.regional_model(patcher, rows, masks, "bench"), False),
-                   ("regional, user masks, graphs", lambda: regional.regional_model(patcher, rows, masks, "bench"), True)]
+                   ("regional, user masks, graphs", lambda: regional.regional_model(patcher, rows, masks, "bench"), True),
+                   ("regional, auto masks, eager", automatic, False),
+                   ("regional, auto masks, graphs", automatic, True)]
         latents = {}
         for label, make, graphed in methods:
             with graphs(graphed):
@@ -118,8 +154,11 @@ def run(kind, ml, ks, steps, repeats, tiny, results, out_dir):
             entry.update(model=kind, k=k, method=label, steps=steps, lora_layers=layers)
             results.append(entry)
             print(json.dumps(entry), flush=True)
-        eager, graphed = latents["regional, user masks, eager"], latents["regional, user masks, graphs"]
-        results[-1]["graphs_vs_eager"] = float((eager - graphed).abs().max())
+        for found in ("user", "auto"):
+            eager, graphed = latents[f"regional, {found} masks, eager"], latents[f"regional, {found} masks, graphs"]
+            row = next(r for r in results if r["model"] == kind and r["k"] == k
+                       and r["method"] == f"regional, {found} masks, graphs")
+            row["graphs_vs_eager"] = float((eager - graphed).abs().max())
         a = next(r for r in results if r["model"] == kind and r["k"] == k and r["method"].startswith("merged (a)"))
         b = next(r for r in results if r["model"] == kind and r["k"] == k and r["method"].startswith("merged + graph"))
         for r in results:

@@ -20,7 +20,6 @@ has no ``methods.regional`` (``regional_available``).
 from __future__ import annotations
 
 import importlib.util
-import inspect
 import itertools
 import sys
 import time
@@ -105,10 +104,10 @@ def _regional(ml: Callable, method: str, model, clip, rows, prompt: str, categor
     regional = ml("methods.regional")
     if method == "regional_oracle":
         return regional.regional_model(model, rows, world.region_masks(categories), "testbed")
-    auto = regional.regional_auto_model
-    offered = {"model": model, "rows": rows, "node": "testbed", "node_name": "testbed", "clip": clip,
-               "prompt": prompt}
-    return auto(**{n: offered[n] for n in inspect.signature(auto).parameters if n in offered})
+    auto = ml("methods.regional_auto")
+    phases = ml("core.auto_masks").AutoMaskPhases()  # the node's defaults: 3 recording steps, then frozen
+    clone, _ = auto.auto_regional_model(model, rows, [None] * len(rows), "testbed", clip, prompt, phases)
+    return clone
 
 
 def decode(model, latent: torch.Tensor) -> torch.Tensor:
