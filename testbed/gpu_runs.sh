@@ -9,8 +9,9 @@
 #   bash testbed/gpu_runs.sh all OUT     # one call: base, then loras on it (what the committed v3 weights had, with
 #                                        # BASE_SECONDS=230 LORA_SECONDS=140: the session had ~11 min of device left)
 #   bash testbed/gpu_runs.sh resume OUT W
-#                                        # one call: both bases continued from W (BASE_SECONDS, seed 1 so the batches
-#                                        # differ from the first run), then the 10 LoRAs on them (LORA_SECONDS)
+#                                        # one call: both bases continued from W (BASE_SECONDS; SEED, default 1: give
+#                                        # each continuation its own so the batches differ), then the 10 LoRAs on
+#                                        # them (LORA_SECONDS; 0 = bases only)
 #   bash testbed/gpu_runs.sh eval OUT W ARCH
 #                                        # every method, k = 1..4, 40 prompts × 4 seeds, as parallel processes
 #                                        # (evaluate_parallel.py) on testbed ARCH (unet or dit); OUT/eval-ARCH
@@ -23,6 +24,9 @@ out=${2:?output folder}
 mkdir -p "$out/w" "$out/logs"
 w="$out/w"
 py=${PYTHON:-python3}
+# every stage runs up to 10 processes side by side: each gets its share of the CPU's threads (16 torch threads
+# per process on 16 cores oversubscribe it)
+threads() { echo $(( $(nproc) / $1 > 0 ? $(nproc) / $1 : 1 )); }
 check() {  # arch, ks, methods, prompts
     "$py" testbed/evaluate.py --arch "$1" --weights "$w" --out "$out/logs/check_$1" --ks $2 --methods $3 \
         --prompts "$4" --max-seconds 60 > "$out/logs/check_$1.log" 2>&1 || true
@@ -39,10 +43,10 @@ pack() {
     fi
 }
 train_bases() {
-    "$py" testbed/train.py --stage detector --out "$w" --detector-steps "${DETECTOR_STEPS:-4000}" \
+    OMP_NUM_THREADS=$(threads 3) "$py" testbed/train.py --stage detector --out "$w" --detector-steps "${DETECTOR_STEPS:-4000}" \
         > "$out/logs/detector.log" 2>&1 &
     for arch in unet dit; do
-        "$py" testbed/train.py --stage base --arch "$arch" --out "$w" --base-seconds "${BASE_SECONDS:-450}" \
+        OMP_NUM_THREADS=$(threads 3) "$py" testbed/train.py --stage base --arch "$arch" --out "$w" --base-seconds "${BASE_SECONDS:-450}" \
             > "$out/logs/base_$arch.log" 2>&1 &
     done
     wait
@@ -51,7 +55,7 @@ train_bases() {
 train_loras() {
     for arch in unet dit; do
         for category in character clothing background object style; do
-            "$py" testbed/train.py --stage loras --arch "$arch" --out "$w" --resume "$w" --loras-only "$category" \
+            OMP_NUM_THREADS=$(threads 10) "$py" testbed/train.py --stage loras --arch "$arch" --out "$w" --resume "$w" --loras-only "$category" \
                 --lora-seconds "${LORA_SECONDS:-400}" --lora-lr "${LORA_LR:-1e-3}" > "$out/logs/lora_${arch}_$category.log" 2>&1 &
         done
     done
@@ -63,14 +67,16 @@ resume)
     src=${3:?weights folder with the bases}
     cp -r "$src"/. "$w"/
     for arch in unet dit; do
-        "$py" testbed/train.py --stage base --arch "$arch" --out "$w" --resume "$w" --seed 1 \
+        OMP_NUM_THREADS=$(threads 2) "$py" testbed/train.py --stage base --arch "$arch" --out "$w" --resume "$w" --seed "${SEED:-1}" \
             --base-seconds "${BASE_SECONDS:-250}" > "$out/logs/base_$arch.log" 2>&1 &
     done
     wait
     tail -n 2 "$out"/logs/base_*.log
     pack
-    train_loras
-    pack
+    if [ "${LORA_SECONDS:-1}" != 0 ]; then
+        train_loras
+        pack
+    fi
     ;;
 all)
     train_bases

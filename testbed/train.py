@@ -239,6 +239,9 @@ def main():
     if args.smoke:
         args.base_steps, args.lora_steps, args.detector_steps, args.batch, args.lora_batch = 3, 2, 20, 4, 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":  # fixed shapes every step: let cuDNN pick its kernels once; TF32 for the matmuls
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
     seed = args.seed + 1000 * objectives.ARCHS.index(args.arch) + sum(map(ord, "".join(args.loras_only))) * (
         args.stage == "loras")
     gen = torch.Generator().manual_seed(seed)
