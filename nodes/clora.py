@@ -23,7 +23,8 @@ from .types import AttentionMapsType, LoraStackType
 NODE = "CLoRA"
 VARIANT_TIP = ("Which CLoRA: 'pack' (default) or 'authors' code' (the authors' released SD1.5 pipeline: each "
                "LoRA's mask from its own prompt variant, no second UNet pass after an update, attention maps "
-               "averaged over the cond and uncond halves); 'custom' takes the three inputs below.")
+               "averaged over the cond and uncond halves, the extra iterations at 0/10/20 % of the steps instead of "
+               "0/20/40 %); 'custom' takes the three inputs below, with the pack's 0/20/40 %.")
 CUSTOM = " Used only when variant is 'custom'."
 
 

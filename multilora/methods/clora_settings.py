@@ -4,7 +4,7 @@ Paper parameters: λ = ``mask_threshold`` ∈ [0, 1] (0.4), τ_c = ``temperature
 in VP-latent units (20), updates while i < ``opt_until``·N (0.5), ``refine_iters`` extra iterations (20) at
 steps ⌊``refine_at``·N⌋ (0, 0.2, 0.4).
 
-Three choices where the pack and the authors' released SD1.5 pipeline differ, each a setting:
+Four choices where the pack and the authors' released SD1.5 pipeline differ, each a setting:
 
 - ``mask_source``: concept g's mask M_g = ⋃_t [A_t ≥ λ·max A_t] over the maps of g's tokens from *every*
   prompt variant (``MASK_UNION``, the pack; the same maps the loss groups), or only from g's own variant
@@ -15,6 +15,8 @@ Three choices where the pack and the authors' released SD1.5 pipeline differ, ea
 - ``attention_halves``: maps A = mean over layers and heads of the cond chunk's attention (``HALVES_COND``,
   the pack), or also over the uncond chunk at the same token positions, A = (A_cond + A_uncond)/2
   (``HALVES_BOTH``, the authors).
+- ``refine_at``: the steps of the extra iterations as fractions of N: (0, 0.2, 0.4), steps 0/10/20 of a 50-step
+  run (the pack), or (0, 0.1, 0.2), steps 0/10/20 of the authors' code's 100 DDIM steps.
 
 ``VARIANTS`` names the two sets: "pack" (the default until measurement says otherwise) and "authors' code".
 Plain torch; part of the CLoRA method.
@@ -38,8 +40,10 @@ VARIANT_PACK = "pack"
 VARIANT_AUTHORS = "authors' code"
 VARIANT_CUSTOM = "custom"
 VARIANTS: dict[str, dict] = {
-    VARIANT_PACK: {"mask_source": MASK_UNION, "recompute_after_update": True, "attention_halves": HALVES_COND},
-    VARIANT_AUTHORS: {"mask_source": MASK_OWN, "recompute_after_update": False, "attention_halves": HALVES_BOTH},
+    VARIANT_PACK: {"mask_source": MASK_UNION, "recompute_after_update": True, "attention_halves": HALVES_COND,
+                   "refine_at": (0.0, 0.2, 0.4)},
+    VARIANT_AUTHORS: {"mask_source": MASK_OWN, "recompute_after_update": False, "attention_halves": HALVES_BOTH,
+                      "refine_at": (0.0, 0.1, 0.2)},
 }
 VARIANT_NAMES = (VARIANT_PACK, VARIANT_AUTHORS, VARIANT_CUSTOM)
 
@@ -61,7 +65,7 @@ class CloraSettings:
 
     @classmethod
     def for_variant(cls, variant: str, node: str = "CLoRA", **values) -> CloraSettings:
-        """Settings of ``variant``: "pack" / "authors' code" set the three differing fields (whatever
+        """Settings of ``variant``: "pack" / "authors' code" set the four differing fields (whatever
         ``values`` says for them), "custom" takes them from ``values``."""
         if variant not in VARIANT_NAMES:
             raise MultiLoRAError(f"{node}: 'variant' must be one of {', '.join(repr(v) for v in VARIANT_NAMES)} "

@@ -63,7 +63,7 @@ def sample(ml, world, st, model=None, seed=2, size=(8, 8)):
 
 
 # --- the variant preset -------------------------------------------------------------------------------
-def test_variant_presets_set_the_three_fields_and_custom_keeps_them(ml):
+def test_variant_presets_set_the_four_fields_and_custom_keeps_them(ml):
     cs = ml("methods.clora_settings")
     pack = cs.CloraSettings.for_variant("pack", cfg=3.0, mask_source="own variant")
     assert (pack.mask_source, pack.recompute_after_update, pack.attention_halves) == ("union of variants", True, "cond")
@@ -71,6 +71,8 @@ def test_variant_presets_set_the_three_fields_and_custom_keeps_them(ml):
     assert (authors.mask_source, authors.recompute_after_update, authors.attention_halves) == \
         ("own variant", False, "cond and uncond")
     assert authors.step_size == 7.0 and authors.cfg == 3.0 and authors.variant() == "authors' code"
+    assert (pack.refine_at, authors.refine_at) == ((0.0, 0.2, 0.4), (0.0, 0.1, 0.2))
+    assert cs.CloraSettings(cfg=1.0, refine_at=(0.0, 0.1, 0.2)).variant() == "custom"
     custom = cs.CloraSettings.for_variant("custom", cfg=3.0, recompute_after_update=False)
     assert (custom.mask_source, custom.recompute_after_update, custom.attention_halves) == \
         ("union of variants", False, "cond")
