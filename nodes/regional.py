@@ -38,6 +38,9 @@ REFRESH_TIP = ("0 = the masks found after auto_steps stay frozen; M ≥ 1 = foun
 THRESHOLD_TIP = ("λ: a pixel joins a concept's mask where its attention (min-max normalised per concept) is ≥ λ and "
                  "higher than every other concept's; below λ for all concepts only the rows without a mask act there. "
                  "0 = the concepts split the whole image.")
+PATCH_MASK_FROM_TIP = (MASK_FROM_TIP + " Here the masks are found anew in every sampling run, from the run's own "
+                      "steps; to see them (region_maps), use KSampler (Regional LoRA), whose output they are: a "
+                      "MODEL cannot carry them out.")
 DESCRIPTION = ("Regional LoRA: each LoRA of the stack acts only inside its mask, all in one model call per step "
                "(about the cost of one merged LoRA). Overlapping masks share their pixels; where no mask covers "
                "the image only the rows without a mask act. Works on SD1.x, SDXL and Flux-family models.")
@@ -53,10 +56,10 @@ def region_inputs() -> list[io.Input]:
     ]
 
 
-def auto_inputs() -> list[io.Input]:
+def auto_inputs(mask_from_tip: str = MASK_FROM_TIP) -> list[io.Input]:
     return [
         io.Combo.Input("mask_from", options=list(MASK_SOURCES), default=MASKS_DRAWN, optional=True,
-                       tooltip=MASK_FROM_TIP),
+                       tooltip=mask_from_tip),
         io.Clip.Input("clip", optional=True, tooltip=CLIP_TIP),
         io.String.Input("prompt", multiline=True, default="", optional=True, tooltip=PROMPT_TIP),
         io.Int.Input("auto_steps", default=3, min=1, max=10000, optional=True, tooltip=AUTO_STEPS_TIP),
@@ -79,18 +82,28 @@ class RegionalLoraModel(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="MultiLoRARegional", display_name="Regional LoRA (model patch)", category="multilora/sampling",
-            description=DESCRIPTION + " Use with any sampler node.",
+            description=DESCRIPTION + " Use with any sampler node. Rows without a mask can get one from the attention "
+                                      "of their concept word (mask_from 'concept attention').",
             inputs=[io.Model.Input("model", tooltip="The model to patch (a patched copy is returned)."),
-                    LoraStackType.Input("lora_stack", tooltip=STACK_TIP), *region_inputs()],
+                    LoraStackType.Input("lora_stack", tooltip=STACK_TIP), *region_inputs(),
+                    *auto_inputs(PATCH_MASK_FROM_TIP)],
             outputs=[io.Model.Output(tooltip="The model with each LoRA restricted to its region during sampling.")],
         )
 
     @classmethod
     @checked
-    def execute(cls, model, lora_stack, feather: float = 0.0, text_tokens: str = TEXT_ALL, **masks) -> io.NodeOutput:
+    def execute(cls, model, lora_stack, feather: float = 0.0, text_tokens: str = TEXT_ALL, clip=None, prompt: str = "",
+                mask_from: str = MASKS_DRAWN, auto_steps: int = 3, refresh_every: int = 0, mask_threshold: float = 0.4,
+                **masks) -> io.NodeOutput:
         node = "Regional LoRA"
         rows = require_active(lora_stack, node)
-        return io.NodeOutput(regional_model(model, rows, masks_of(masks), node, feather, text_tokens))
+        if mask_from == MASKS_DRAWN:
+            return io.NodeOutput(regional_model(model, rows, masks_of(masks), node, feather, text_tokens))
+        # The positive conds meet the patch only in the sampler: the wrappers check them when sampling starts.
+        patched, _ = auto_regional_model(model, rows, masks_of(masks), node, clip, prompt,
+                                         AutoMaskPhases(auto_steps, refresh_every), mask_threshold, feather,
+                                         text_tokens)
+        return io.NodeOutput(patched)
 
 
 class RegionalLoraSampler(io.ComfyNode):

@@ -44,10 +44,10 @@ _BEFORE = r"(?<![^\W_])"
 _AFTER = r"(?![^\W_])"
 
 
-def concept_not_found(word: str, prompt: str) -> ConceptNotFoundError:
+def concept_not_found(word: str, prompt: str, node: str = "CLoRA") -> ConceptNotFoundError:
     """The pack's error for a concept word that is absent from a prompt."""
     return ConceptNotFoundError(
-        f"CLoRA: concept word '{word}' is not in the prompt '{prompt}'. Use a word that appears in the prompt.")
+        f"{node}: concept word '{word}' is not in the prompt '{prompt}'. Use a word that appears in the prompt.")
 
 
 def token_rows(tokens: Mapping[str, Rows] | Rows) -> Rows:
@@ -115,14 +115,14 @@ def find_positions(rows: Rows, ids: Sequence[int], bos: int = BOS_ID, eos: int =
 
 
 def concept_positions(tokenize_fn: TokenizeFn, prompt: str, words: Sequence[str],
-                      bos: int = BOS_ID, eos: int = EOS_ID) -> dict[str, list[int]]:
-    """Token positions of each word in ``prompt``; ConceptNotFoundError names the first absent word."""
+                      bos: int = BOS_ID, eos: int = EOS_ID, node: str = "CLoRA") -> dict[str, list[int]]:
+    """Token positions of each word in ``prompt``; ConceptNotFoundError names ``node`` and the first absent word."""
     rows = token_rows(tokenize_fn(prompt))
     positions: dict[str, list[int]] = {}
     for word in words:
         found = find_positions(rows, word_token_ids(tokenize_fn, word, bos, eos), bos, eos)
         if not found:
-            raise concept_not_found(word, prompt)
+            raise concept_not_found(word, prompt, node)
         positions[word] = found
     return positions
 

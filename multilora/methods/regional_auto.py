@@ -11,6 +11,9 @@ text stream is the T5 encoding). The capture runs only in the model calls of the
 those calls eager); the masks reach the engine through ``TokenRouter.set_maps`` (in place, graph-safe).
 Drawn masks stay in force in every step; rows of category ``style`` and rows without a concept word act
 everywhere. A drawn user patch on the same attention sites (attn2 replace) is bypassed in recording calls.
+Nothing depends on a sampler node of the pack: the step comes from each call's σ in the run's own schedule
+(``sample_sigmas``), and every sampling run starts over (the plain stack, then masks of its own), so the patched
+MODEL of ``Regional LoRA (model patch)`` works under any sampler node and gives the same image on every run.
 """
 from __future__ import annotations
 
@@ -77,11 +80,11 @@ def _tokenizer_stream(clip, family: str, node: str):
 def concept_columns(clip, prompt: str, rows: Sequence[LoraRow], chosen: Sequence[int], family: str, node: str
                     ) -> tuple[list[int], list[list[int]]]:
     """Token positions of the chosen rows' concept words in ``prompt`` (all of them, in order) and, per row, its
-    columns in that list. A word absent from the prompt raises CLoRA's ConceptNotFoundError."""
+    columns in that list. A word absent from the prompt raises ConceptNotFoundError naming ``node``."""
     tokenize, bos, eos = _tokenizer_stream(clip, family, node)
     positions, groups = [], []
     for i in chosen:
-        found = concept_positions(tokenize, prompt, rows[i].concept_words(), bos, eos)
+        found = concept_positions(tokenize, prompt, rows[i].concept_words(), bos, eos, node)
         mine = sorted({p for ps in found.values() for p in ps})
         groups.append(list(range(len(positions), len(positions) + len(mine))))
         positions += mine
@@ -129,6 +132,10 @@ class AutoRegions:
         patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, self._apply)
 
     def _outer(self, executor, *args, **kwargs):
+        # A patched MODEL (the model-patch node) is sampled by any node, and as often as the user likes: each run
+        # starts over (the same masks for the same run), and its positive conds are checked here, before the first
+        # step, since they only meet the patch in the sampler.
+        check_context(guider_positive(getattr(executor, "class_obj", None)), self.positions, self.node)
         self.reset()
         return executor(*args, **kwargs)
 
@@ -189,6 +196,14 @@ class AutoRegions:
         maps = self.router.plan_for(latent).maps
         self.record.latent_size = latent
         self.record.steps.append([maps[0, i:i + 1].clone() for i in self.shown])
+
+
+def guider_positive(guider) -> list:
+    """The positive conds of a guider that is starting to sample, in CONDITIONING's [tensor, extras] form ([] when
+    it has none by that name)."""
+    conds = getattr(guider, "conds", None)
+    entries = conds.get("positive") if isinstance(conds, dict) else None
+    return [[c["cross_attn"], c] for c in entries or [] if isinstance(c, dict) and "cross_attn" in c]
 
 
 def check_context(positive, positions: Sequence[int], node: str) -> None:

@@ -255,7 +255,7 @@ def test_errors_name_node_input_and_fix(comfy_state, ml, models, clip):
     rows = rows_of(ml, comfy_state, patcher, "sd15", concepts=("cat", "horse"))
     positive, _ = conds("sd15", clip)
     with pytest.raises(ml("core.errors").ConceptNotFoundError,
-                       match=r"^CLoRA: concept word 'horse' is not in the prompt 'a cat and a dog'\. Use a word"):
+                       match=r"^test: concept word 'horse' is not in the prompt 'a cat and a dog'\. Use a word"):
         auto_mod.auto_regional_model(patcher, rows, [], "test", clip, PROMPT, phases, positive=positive)
     region_error = ml("core.regions").RegionError
     odd = types.SimpleNamespace(model=types.SimpleNamespace(diffusion_model=torch.nn.Linear(2, 2)))
@@ -289,3 +289,107 @@ def test_phases_and_mask_rule(ml):
     assert masks[0, 0].tolist() == [[1, 0, 0, 0]] * 2 and masks[0, 1].tolist() == [[0, 1, 1, 0]] * 2
     whole = am.concept_masks(maps, [[0], [1, 2]], threshold=0.0)  # λ = 0: argmax splits the whole image
     assert bool((whole.sum(1) == 1).all())
+
+
+class FluxClip(FluxTokens):
+    """FluxTokens on a CLIP socket (the nodes check what arrives there); automatic masks encode nothing."""
+
+    def encode_from_tokens(self, *args, **kwargs):
+        raise AssertionError("automatic masks must not encode the prompt")
+
+
+AUTO = dict(mask_from="concept attention", prompt=PROMPT, auto_steps=2, refresh_every=1, mask_threshold=0.4)
+"""Automatic masks set after step 2 and found again at step 3: both update kinds happen in a 4-step run."""
+
+
+def text_encoder(kind, clip):
+    return clip if kind == "sd15" else FluxClip()
+
+
+def ksampler(model, kind, positive, negative, steps=STEPS):
+    latent = tiny_models.make_latent(kind, size=8)
+    return nodes.KSampler().sample(model, 3, steps, 5.0, "euler", "normal", positive, negative, latent, 1.0)[0]["samples"]
+
+
+def sampler_node(patcher, stack, kind, clip, positive, negative, steps=STEPS, **settings):
+    node = nodes.NODE_CLASS_MAPPINGS["MultiLoRARegionalSampler"]
+    latent, record = node.execute(model=patcher, lora_stack=stack, seed=3, steps=steps, cfg=5.0, sampler_name="euler",
+                                  scheduler="normal", positive=positive, negative=negative,
+                                  latent_image=tiny_models.make_latent(kind, size=8), denoise=1.0,
+                                  clip=text_encoder(kind, clip), **settings).result
+    return latent["samples"], record
+
+
+def patch_node(patcher, stack, kind, clip, **settings):
+    node = nodes.NODE_CLASS_MAPPINGS["MultiLoRARegional"]
+    return node.execute(model=patcher, lora_stack=stack, clip=text_encoder(kind, clip), **settings).result[0]
+
+
+def hook_counts(patcher):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in patcher.model.modules())
+
+
+@pytest.mark.parametrize("kind", ["sd15", "flux"])
+def test_patch_node_with_automatic_masks_under_core_ksampler_equals_the_sampler_node(comfy_state, ml, models, clip,
+                                                                                     kind):
+    """Same stack, settings and noise: Regional LoRA (model patch) + core KSampler gives the image of KSampler
+    (Regional LoRA) exactly (the same calls in the same order), and the automatic masks did act (≠ the plain stack)."""
+    patcher = models[kind]
+    stack = ml("core.stack").LoraStack(tuple(rows_of(ml, comfy_state, patcher, kind)))
+    positive, negative = conds(kind, clip)
+    want, record = sampler_node(patcher, stack, kind, clip, positive, negative, **AUTO)
+    got = ksampler(patch_node(patcher, stack, kind, clip, **AUTO), kind, positive, negative)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert len(record.steps) == STEPS and not all(bool((m == 1).all()) for m in record.steps[-1])
+    plain = ksampler(patch_node(patcher, stack, kind, clip), kind, positive, negative)
+    assert (got - plain).abs().max() > 1e-3
+
+
+def test_patched_model_starts_over_in_every_run_and_leaves_the_input_model_alone(comfy_state, ml, models, clip):
+    """One patched MODEL sampled 4, 3 and 4 steps: each run takes its steps from its own schedule (the 3-step run
+    is the sampler node's 3-step image) and starts from the plain stack again (the two 4-step runs are identical).
+    Afterwards the input model has no wrapper, no forward hook, the same model_options and the same weights."""
+    patcher = models["flux"]
+    stack = ml("core.stack").LoraStack(tuple(rows_of(ml, comfy_state, patcher, "flux")))
+    positive, negative = conds("flux", clip)
+    weights = {k: v.clone() for k, v in patcher.model.state_dict().items()}
+    options, hooks = repr(patcher.model_options), hook_counts(patcher)
+    patched = patch_node(patcher, stack, "flux", clip, **AUTO)
+    first = ksampler(patched, "flux", positive, negative, steps=4)
+    short = ksampler(patched, "flux", positive, negative, steps=3)
+    again = ksampler(patched, "flux", positive, negative, steps=4)
+    torch.testing.assert_close(again, first, atol=0, rtol=0)
+    want_short, _ = sampler_node(patcher, stack, "flux", clip, positive, negative, steps=3, **AUTO)
+    torch.testing.assert_close(short, want_short, atol=0, rtol=0)
+    assert patcher.wrappers == {} and repr(patcher.model_options) == options
+    assert hook_counts(patcher) == hooks == 0  # the engine's and the capture's hooks lived only during sampling
+    for key, value in patcher.model.state_dict().items():
+        assert torch.equal(value, weights[key]), key
+
+
+def test_patch_node_refuses_bad_automatic_mask_inputs_before_sampling(comfy_state, ml, models, clip):
+    """No clip, an empty prompt or a concept word absent from the prompt: the node's own errors at the node; a
+    positive conditioning shorter than the prompt: at the start of sampling, before any model call."""
+    patcher = models["sd15"]
+    stack = ml("core.stack").LoraStack(tuple(rows_of(ml, comfy_state, patcher, "sd15", concepts=("cat", "horse"))))
+    node = nodes.NODE_CLASS_MAPPINGS["MultiLoRARegional"]
+    region_error = ml("core.regions").RegionError
+    needs = r"^Regional LoRA: mask_from 'concept attention' needs 'clip' connected and the positive prompt's text"
+    with pytest.raises(region_error, match=needs):
+        node.execute(model=patcher, lora_stack=stack, **AUTO)
+    with pytest.raises(region_error, match=needs):
+        node.execute(model=patcher, lora_stack=stack, clip=clip, **{**AUTO, "prompt": "  "})
+    with pytest.raises(ml("core.errors").ConceptNotFoundError,
+                       match=r"^Regional LoRA: concept word 'horse' is not in the prompt 'a cat and a dog'\. Use a word"):
+        node.execute(model=patcher, lora_stack=stack, clip=clip, **AUTO)
+    stack = ml("core.stack").LoraStack(tuple(rows_of(ml, comfy_state, patcher, "sd15")))
+    patched = node.execute(model=patcher, lora_stack=stack, clip=clip, **AUTO).result[0]
+    positive, negative = conds("sd15", clip)
+    calls = []
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test.calls",
+                                 lambda executor, *a, **k: calls.append(1) or executor(*a, **k))
+    short = [[positive[0][0][:, :2], positive[0][1]]]
+    with pytest.raises(region_error, match=r"^Regional LoRA: the concept words sit at token 5 of 'prompt' but the "
+                                           r"positive conditioning has 2 tokens"):
+        ksampler(patched, "sd15", short, negative)
+    assert calls == [] and patcher.wrappers == {}
