@@ -146,11 +146,21 @@ def spatial_weights(row_weights: torch.Tensor, grid_maps: torch.Tensor) -> torch
     return row_weights[:, :, None, None] * maps
 
 
+def area_weights(row_weights: torch.Tensor, grid_maps: torch.Tensor) -> torch.Tensor:
+    """[B, k] weights w_{n,i}·mean_t M_i(t): each LoRA by its share of the image grid (tokens that stand for no
+    pixel, such as a DiT's image pad tokens); all-one maps give the row weights exactly."""
+    b, bm = row_weights.shape[0], grid_maps.shape[0]
+    share = grid_maps.mean(dim=(-2, -1))
+    return row_weights * (share if bm == b else share.repeat(b // bm, 1))
+
+
 def token_weights(row_weights: torch.Tensor, grid_maps: torch.Tensor, prefix: int = 0, suffix: int = 0,
-                  prefix_weights: torch.Tensor | None = None) -> torch.Tensor:
+                  prefix_weights: torch.Tensor | None = None, suffix_weights: torch.Tensor | None = None
+                  ) -> torch.Tensor:
     """[B, prefix + h·w + suffix, k] weights for a token layer: w_{n,i}·M_i(t) on the image grid tokens (row-major
     as the models flatten them), ``prefix_weights`` ([B, k], default the row weights) on ``prefix`` text tokens
-    before them, and the row weights on ``suffix`` extra tokens after them (reference-image tokens)."""
+    before them, and ``suffix_weights`` ([B, k], default the row weights) on ``suffix`` extra tokens after them
+    (reference-image tokens, image pad tokens)."""
     b, k = row_weights.shape
     image = spatial_weights(row_weights, grid_maps).flatten(2).transpose(1, 2)
     parts = []
@@ -159,7 +169,8 @@ def token_weights(row_weights: torch.Tensor, grid_maps: torch.Tensor, prefix: in
         parts.append(head[:, None, :].expand(b, prefix, k))
     parts.append(image)
     if suffix:
-        parts.append(row_weights[:, None, :].expand(b, suffix, k))
+        tail = row_weights if suffix_weights is None else suffix_weights
+        parts.append(tail[:, None, :].expand(b, suffix, k))
     return torch.cat(parts, dim=1) if len(parts) > 1 else image
 
 

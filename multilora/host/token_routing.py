@@ -7,8 +7,23 @@ Token roles, decided per layer from the model family and the layer's path:
 - Flux-family DiTs (ComfyUI's ``Flux`` class and its subclasses): the double blocks' ``img_*`` layers, ``img_in``
   and ``final_layer`` on image tokens (the 2 × 2-patch grid, then any reference-image tokens); ``txt_*`` layers and
   ``txt_in`` on text tokens; the single blocks' ``linear1`` / ``linear2`` on [text; image] together.
+- Lumina-family DiTs (ComfyUI's ``NextDiT``: Z-Image, Lumina 2; same layout in 0.3.75 and 0.33): ``cap_embedder``
+  on the caption's T tokens and ``context_refiner`` on the caption padded with the learned ``cap_pad_token`` to a
+  multiple of ``pad_tokens_multiple`` (Z-Image 32, Lumina 2 no padding); ``x_embedder`` on exactly the 2 × 2-patch
+  grid; ``noise_refiner`` on [grid; image pad tokens] (``x_pad_token``, up to the same multiple); the main
+  ``layers`` and ``final_layer`` on the joint [caption + its pads; grid; image pads], caption first. Reference
+  latents (Z-Image's omni mode: reference images, their captions and SigLIP tokens before these, and a doubled
+  timestep batch) and the pixel-space variant (``dec_net``, one patch per batch row) are refused.
 - Layers that take one vector per image (timestep, pooled text, modulation) keep the per-row weights.
 Text tokens get the row weights of every LoRA (``TEXT_ALL``) or of the rows without a region (``TEXT_NONE``).
+
+Pad tokens (Lumina family): they carry no prompt word and no pixel, and the attention mask is None, so every token
+attends to them. Caption pads are part of the text stream and follow the text policy, like the caption. Image pads
+get each LoRA by its share of the image, w_i · mean_t M_i(t) over the grid (``core.regions.area_weights``): a LoRA
+confined to a region reaches the tokens that every region reads only in proportion to its area (a regional LoRA at
+full strength there would leak into the other regions through them; no LoRA at all would make an all-one mask
+differ from the plain stack), and all-one masks give exactly the row weights, so they equal the on-the-fly stack
+and ComfyUI's merged LoRAs on every token.
 """
 from __future__ import annotations
 
@@ -20,6 +35,7 @@ from ..core.regions import (
     TEXT_ALL,
     RegionError,
     RegionPlan,
+    area_weights,
     maps_on_grid,
     normalize_regions,
     spatial_weights,
@@ -29,17 +45,30 @@ from ..core.regions import (
 )
 
 AUTO, IMAGE, TEXT, JOINT = "auto", "image", "text", "joint"
+UNET, FLUX, LUMINA = "unet", "flux", "lumina"
 UNET_TEXT_LAYERS = (".attn2.to_k", ".attn2.to_v")
+LUMINA_ROLES = {"cap_embedder": TEXT, "context_refiner": TEXT, "x_embedder": IMAGE, "noise_refiner": IMAGE,
+                "layers": JOINT, "final_layer": JOINT}
 
 
 def model_family(diffusion_model: torch.nn.Module) -> str:
-    """"unet" or "flux" for the models whose token layout is known here; "" otherwise."""
+    """"unet", "flux" or "lumina" for the models whose token layout is known here; "" otherwise."""
     if hasattr(diffusion_model, "double_blocks") and hasattr(diffusion_model, "single_blocks") \
             and hasattr(diffusion_model, "img_in") and hasattr(diffusion_model, "txt_in"):
         return "flux"
+    if all(hasattr(diffusion_model, name) for name in ("cap_embedder", "x_embedder", "context_refiner",
+                                                       "noise_refiner", "layers")):
+        return "lumina"
     if hasattr(diffusion_model, "input_blocks") and hasattr(diffusion_model, "output_blocks"):
         return "unet"
     return ""
+
+
+def caption_multiple(diffusion_model: torch.nn.Module) -> int:
+    """The multiple a Lumina-family model pads its caption to in the joint sequence (1: no padding)."""
+    if model_family(diffusion_model) != LUMINA:
+        return 1
+    return int(getattr(diffusion_model, "pad_tokens_multiple", None) or 1)
 
 
 def token_roles(diffusion_model: torch.nn.Module, paths, node: str) -> dict[str, str]:
@@ -47,10 +76,16 @@ def token_roles(diffusion_model: torch.nn.Module, paths, node: str) -> dict[str,
     family = model_family(diffusion_model)
     if not family:
         raise RegionError(f"{node}: regional LoRA does not know the token layout of {type(diffusion_model).__name__} "
-                          "models; it supports UNets (SD1.x, SDXL) and Flux-family DiTs.")
+                          "models; it supports UNets (SD1.x, SDXL), Flux-family DiTs and Z-Image / Lumina 2.")
+    if family == LUMINA and getattr(diffusion_model, "dec_net", None) is not None:
+        raise RegionError(f"{node}: the pixel-space Z-Image ({type(diffusion_model).__name__}) decodes every patch as "
+                          "its own batch row, which regional LoRA cannot route; use a latent Z-Image model, or the "
+                          "LoRA Stack without regions.")
     roles = {}
     for path in paths:
-        if family == "unet":
+        if family == LUMINA:
+            roles[path] = LUMINA_ROLES.get(path.split(".")[1] if path.count(".") else path, AUTO)
+        elif family == "unet":
             roles[path] = TEXT if path.endswith(UNET_TEXT_LAYERS) else AUTO
         elif ".single_blocks." in path and path.rsplit(".", 1)[-1] in ("linear1", "linear2"):
             roles[path] = JOINT
@@ -67,7 +102,7 @@ class TokenRouter:
     [B, k] into per-token ones."""
 
     def __init__(self, masks, roles: dict[str, str], family: str, text_policy: str = TEXT_ALL, feather: float = 0.0,
-                 names=None, node: str = "Regional LoRA"):
+                 names=None, node: str = "Regional LoRA", text_multiple: int = 1):
         self.masks = list(masks)
         self.roles = roles
         self.family = family
@@ -75,7 +110,8 @@ class TokenRouter:
         self.feather = feather
         self.names = names
         self.node = node
-        self.patch = 2 if family == "flux" else 1
+        self.patch = 2 if family in (FLUX, LUMINA) else 1
+        self.text_multiple = max(1, int(text_multiple))  # the joint sequence's caption is padded to this multiple
         self.plan: RegionPlan | None = None
         self._plans: dict[tuple[int, int], RegionPlan] = {}
         self._device_maps: dict = {}
@@ -124,11 +160,18 @@ class TokenRouter:
         """Back to the masks given at construction (a new sampling run of automatic masks)."""
         self._plans, self._device_maps, self._cache, self.plan = {}, {}, {}, None
 
-    def begin_call(self, x: torch.Tensor, context: torch.Tensor | None) -> None:
-        """Start a model call on latent ``x`` ([B, C, H, W]) with text ``context`` ([B, T, C])."""
+    def begin_call(self, x: torch.Tensor, context: torch.Tensor | None, conds=None) -> None:
+        """Start a model call on latent ``x`` ([B, C, H, W]) with text ``context`` ([B, T, C]) and the call's other
+        model inputs ``conds`` (apply_model's keyword arguments)."""
+        if self.family == LUMINA and (conds or {}).get("ref_latents"):
+            raise RegionError(f"{self.node}: the conditioning holds reference latents (Z-Image omni / edit mode), which "
+                              "put reference-image tokens before the image's own; regional LoRA does not route that "
+                              "layout. Remove the ReferenceLatent node from the conditioning, or sample without "
+                              "regions (LoRA Stack).")
         self._latent = (int(x.shape[-2]), int(x.shape[-1]))
         self.plan = self.plan_for(self._latent)
-        self._text_tokens = 0 if context is None or context.ndim != 3 else int(context.shape[1])
+        text = 0 if context is None or context.ndim != 3 else int(context.shape[1])
+        self._text_tokens = text + (-text) % self.text_multiple
         self._cache = {}
 
     def _maps_on(self, device, dtype, grid: tuple[int, int]) -> torch.Tensor:
@@ -172,6 +215,8 @@ class TokenRouter:
         suffix = tokens - prefix - grid[0] * grid[1]
 
         def make():
+            maps = self._maps_on(rows.device, rows.dtype, grid)
             head = text_weights(rows, self.plan.regional, self.text_policy) if prefix else None
-            return token_weights(rows, self._maps_on(rows.device, rows.dtype, grid), prefix, suffix, head)
+            tail = area_weights(rows, maps) if suffix and self.family == LUMINA else None  # image pad tokens
+            return token_weights(rows, maps, prefix, suffix, head, tail)
         return self._cached(("tokens", grid, prefix, suffix, id(rows)), make)

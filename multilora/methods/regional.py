@@ -10,7 +10,8 @@ fused into one low-rank pass for all k LoRAs, so a step costs about one merged L
 i's region resized to the layer's token grid (every level of a UNet, the patch grid of a DiT); rows without a
 region act everywhere (M_i ≡ 1), which makes all-one masks exactly the on-the-fly stack. Text tokens (cross-
 attention keys/values of a UNet, the text stream of a joint-attention DiT) get every LoRA by default, or only
-the rows without a region (``text_tokens``).
+the rows without a region (``text_tokens``). Works on UNets (SD1.x, SDXL), Flux-family DiTs and Z-Image /
+Lumina 2 (``host.token_routing`` has each family's token layout and the rule for Z-Image's pad tokens).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch
 from ..core.regions import TEXT_ALL, TEXT_POLICIES, RegionError, normalize_regions
 from ..core.stack import LoraRow
 from ..host.engine import build_engine, clone_with_engine
-from ..host.token_routing import TokenRouter, model_family, token_roles
+from ..host.token_routing import TokenRouter, caption_multiple, model_family, token_roles
 
 
 def check_masks(rows: Sequence[LoraRow], masks: Sequence[torch.Tensor | None], node: str,
@@ -60,5 +61,6 @@ def regional_engine(model, rows: Sequence[LoraRow], masks: Sequence[torch.Tensor
     check_masks(rows, masks, node, feather=feather)
     engine = build_engine(model, rows, node)
     roles = token_roles(diffusion_model, engine.layers.keys(), node)
-    engine.token_router = TokenRouter(masks, roles, family, text_tokens, feather, [r.name for r in rows], node)
+    engine.token_router = TokenRouter(masks, roles, family, text_tokens, feather, [r.name for r in rows], node,
+                                      caption_multiple(diffusion_model))
     return engine

@@ -17,6 +17,12 @@ Formats (``fmt``) and the key layouts they produce (``<name>`` = module name in 
   ``transformer.transformer_blocks.0.attn.to_q`` ... (slices of the fused ``img_attn.qkv``),
   ``add_q_proj``... (``txt_attn.qkv``), ``single_transformer_blocks.0.attn.to_q``/``proj_mlp``
   (slices of ``linear1``), plain linears, and ``diffusion_model.single_blocks.1.linear1_qkv``.
+  Z-Image: the diffusers names ComfyUI's ``z_image_to_diffusers`` maps under ``diffusion_model.``
+  (what Z-Image trainers write): ``diffusion_model.layers.0.attention.to_q`` / ``to_k`` / ``to_v`` (slices of
+  the fused ``attention.qkv``), ``attention.to_out.0``, ``feed_forward.w1``..., the same in ``noise_refiner.N``
+  and ``context_refiner.N``, ``all_x_embedder.2-1``, ``cap_embedder.1``, ``all_final_layer.2-1.linear`` and
+  (``mod``) ``adaLN_modulation.0`` / ``all_final_layer.2-1.adaLN_modulation.1``; kohya names are the generic
+  ``lora_unet_layers_0_attention_qkv``.
 * ``diffusers_old``: like ``diffusers`` with the old attention-processor suffixes
   ``<name>_lora.down.weight`` / ``_lora.up.weight`` (SD1.5/SDXL only).
 * ``locon``: ``kohya`` plus the 3x3 resblock convs (``in_layers.2``, ``out_layers.3``) with
@@ -32,8 +38,9 @@ Formats (``fmt``) and the key layouts they produce (``<name>`` = module name in 
   layer has a bias), kohya names.
 
 ``targets`` is a ``+``-joined subset of ``attn`` (attention q/k/v/out), ``ff`` (feed-forward),
-``proj`` (SpatialTransformer proj_in/proj_out), ``conv`` (3x3 resblock convs; used by ``locon``,
-``loha``, ``lokr`` and ``full_diff`` only) and ``mod`` (Flux modulation linears).
+``proj`` (SpatialTransformer proj_in/proj_out; Z-Image's patch and caption embedders and output linear),
+``conv`` (3x3 resblock convs; used by ``locon``, ``loha``, ``lokr`` and ``full_diff`` only) and ``mod`` (Flux /
+Z-Image modulation linears).
 """
 
 from __future__ import annotations
@@ -63,6 +70,7 @@ FORMATS_BY_KIND: dict[str, tuple[str, ...]] = {
     "sd15": LORA_FORMATS,
     "sdxl": LORA_FORMATS,
     "flux": ("kohya", "diffusers", "loha", "lokr", "dora", "full_diff"),
+    "zimage": ("kohya", "diffusers"),
 }
 """Which formats ``write_lora`` supports for each tiny model family."""
 EXPECTED_ADAPTER: dict[str, str] = {
@@ -160,9 +168,11 @@ def _parse_groups(targets: str) -> set[str]:
 
 
 def _kind_of(model: Any) -> str:
-    """Family of a ComfyUI model object: sd15 / sdxl / flux."""
+    """Family of a ComfyUI model object: sd15 / sdxl / flux / zimage."""
     if isinstance(model, comfy.model_base.Flux):
         return "flux"
+    if isinstance(model, comfy.model_base.Lumina2):
+        return "zimage"
     if isinstance(model, comfy.model_base.SDXL):
         return "sdxl"
     if isinstance(model, comfy.model_base.BaseModel) and "num_res_blocks" in model.model_config.unet_config:
@@ -263,6 +273,38 @@ def _flux_targets(model: Any, groups: set[str], fmt: str) -> list[LayerTarget]:
             out.append(LayerTarget(f"{src}.proj_mlp", linear1, "ff", (0, 3 * hidden, mlp_hidden)))
         if "mod" in groups:
             out.append(LayerTarget(f"{src}.norm.linear", f"{dst}.modulation.lin.weight", "mod"))
+    return out
+
+
+def _zimage_targets(model: Any, groups: set[str], fmt: str) -> list[LayerTarget]:
+    """Targets of a Z-Image NextDiT: diffusers names (fused qkv as q/k/v slices) or generic kohya names."""
+    cfg = model.model_config.unet_config
+    hidden, refiners = int(cfg["dim"]), int(cfg.get("n_refiner_layers", 2))
+    blocks = [(f"layers.{i}", True) for i in range(int(cfg["n_layers"]))]
+    blocks += [(f"noise_refiner.{i}", True) for i in range(refiners)]
+    blocks += [(f"context_refiner.{i}", False) for i in range(refiners)]
+    layers: list[tuple[str, str, str, tuple[int, int, int] | None]] = []  # (file name, model path, group, slice)
+    for block, modulated in blocks:
+        if fmt == "diffusers":
+            for j, proj in enumerate(("to_q", "to_k", "to_v")):
+                layers.append((f"{block}.attention.{proj}", f"{block}.attention.qkv", "attn", (0, j * hidden, hidden)))
+            layers.append((f"{block}.attention.to_out.0", f"{block}.attention.out", "attn", None))
+        else:
+            layers += [(f"{block}.attention.qkv", f"{block}.attention.qkv", "attn", None),
+                       (f"{block}.attention.out", f"{block}.attention.out", "attn", None)]
+        layers += [(f"{block}.feed_forward.{w}", f"{block}.feed_forward.{w}", "ff", None) for w in ("w1", "w2", "w3")]
+        if modulated:
+            layers.append((f"{block}.adaLN_modulation.0", f"{block}.adaLN_modulation.0", "mod", None))
+    final = "all_final_layer.2-1" if fmt == "diffusers" else "final_layer"
+    layers += [("all_x_embedder.2-1" if fmt == "diffusers" else "x_embedder", "x_embedder", "proj", None),
+               ("cap_embedder.1", "cap_embedder.1", "proj", None),
+               (f"{final}.linear", "final_layer.linear", "proj", None),
+               (f"{final}.adaLN_modulation.1", "final_layer.adaLN_modulation.1", "mod", None)]
+    out = []
+    for name, path, group, offset in layers:
+        if group in groups:
+            name = "diffusion_model." + name if fmt == "diffusers" else "lora_unet_" + name.replace(".", "_")
+            out.append(LayerTarget(name, f"diffusion_model.{path}.weight", group, offset))
     return out
 
 
@@ -466,7 +508,12 @@ def build_lora(patcher: comfy.model_patcher.ModelPatcher, fmt: str = "kohya", se
     kind = _kind_of(model)
     if fmt not in FORMATS_BY_KIND[kind]:
         raise ValueError(f"format {fmt!r} is not supported for {kind}")
-    layer_targets = _flux_targets(model, groups, fmt) if kind == "flux" else _unet_targets(model, groups, fmt, naming)
+    if kind == "flux":
+        layer_targets = _flux_targets(model, groups, fmt)
+    elif kind == "zimage":
+        layer_targets = _zimage_targets(model, groups, fmt)
+    else:
+        layer_targets = _unet_targets(model, groups, fmt, naming)
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     sd: dict[str, torch.Tensor] = {}
     deltas: dict[PatchKey, torch.Tensor] = {}
@@ -566,12 +613,12 @@ def load_with_comfy(lora_sd: dict[str, torch.Tensor], patcher: comfy.model_patch
 
 
 def write_lora_set(model, folder: str, prefix: str, seeds, fmt: str = "kohya",
-                   clip: comfy.sd.CLIP | None = None) -> list[str]:
+                   clip: comfy.sd.CLIP | None = None, targets: str = "attn+ff+proj+conv") -> list[str]:
     """One LoRA file of format ``fmt`` per seed for ``model`` (and ``clip``, when given) in ``folder``
     (``<prefix>_<seed>.safetensors``); their names."""
     names = []
     for seed in seeds:
         name = f"{prefix}_{seed}.safetensors"
-        write_lora(model, os.path.join(folder, name), fmt, seed=seed, clip=clip)
+        write_lora(model, os.path.join(folder, name), fmt, seed=seed, clip=clip, targets=targets)
         names.append(name)
     return names

@@ -1,4 +1,4 @@
-"""Tiny but real ComfyUI models (SD1.5, SDXL, Flux UNets/DiTs and an SD1.5 CLIP) for CPU tests.
+"""Tiny but real ComfyUI models (SD1.5, SDXL, Flux, Z-Image UNets/DiTs and an SD1.5 CLIP) for CPU tests.
 
 ComfyUI must already be booted headless (``--cpu``) before this module is imported, because it
 imports ``comfy`` at module level.
@@ -17,6 +17,8 @@ Direct forward pass (``patcher.model.apply_model``; the model returns the denois
   y=adm[B,SDXL_ADM_IN_CHANNELS])``
 * flux: ``apply_model(x[B,16,H,W], sigma[B], c_crossattn=ctx[B,T,FLUX_CONTEXT_DIM],
   y=vec[B,FLUX_VEC_IN_DIM], guidance=g[B])`` with H and W even (patch size 2), sigma in (0, 1].
+* zimage: ``apply_model(x[B,16,H,W], sigma[B], c_crossattn=cap[B,T,ZIMAGE_CAP_DIM], num_tokens=T)`` (ComfyUI's
+  ``Lumina2`` model class around a ``NextDiT`` with Z-Image's modulation and its caption / image pad tokens).
 
 ``make_inputs(kind)`` builds exactly these arguments and ``forward`` runs them.  The weights are only
 patched (LoRA merged) while the patcher is loaded: use ``patched(patcher)`` or
@@ -25,7 +27,7 @@ patched (LoRA merged) while the patcher is loaded: use ``patched(patcher)`` or
 For sampling through ComfyUI (KSampler and friends) use ``make_conditioning`` and ``make_latent``:
 SDXL needs ``pooled_output`` of size ``SDXL_POOLED_DIM`` in the cond dict (``SDXL.encode_adm`` appends
 six 256-wide size embeddings), Flux needs ``pooled_output`` of size ``FLUX_VEC_IN_DIM`` (guidance
-defaults to 3.5).
+defaults to 3.5). Z-Image takes the caption features alone (``num_tokens`` comes from their length).
 """
 
 from __future__ import annotations
@@ -47,8 +49,8 @@ import comfy.sd1_clip
 import comfy.supported_models
 import comfy.supported_models_base
 
-ModelKind = Literal["sd15", "sdxl", "flux"]
-MODEL_KINDS: tuple[ModelKind, ...] = ("sd15", "sdxl", "flux")
+ModelKind = Literal["sd15", "sdxl", "flux", "zimage"]
+MODEL_KINDS: tuple[ModelKind, ...] = ("sd15", "sdxl", "flux", "zimage")
 
 SD15_CONTEXT_DIM = 64
 """Cross-attention width of the tiny SD1.5 UNet (equals the tiny CLIP's hidden size)."""
@@ -61,10 +63,17 @@ FLUX_CONTEXT_DIM = 32
 FLUX_VEC_IN_DIM = 16
 FLUX_HIDDEN_SIZE = 64
 FLUX_TEXT_TOKENS = 16
+ZIMAGE_DIM = 256
+"""Width of the tiny Z-Image: its modulation reads a 256-wide timestep embedding (``min(dim, 256)``), so no less."""
+ZIMAGE_CAP_DIM = 32
+"""Caption feature width of the tiny Z-Image (the real model reads Qwen3-4B's 2560)."""
+ZIMAGE_TEXT_TOKENS = 20
+"""Caption length of ``make_inputs`` / ``make_conditioning``: padded to 32 by the model (12 pad tokens)."""
+ZIMAGE_PAD_MULTIPLE = 32
 CLIP_HIDDEN_SIZE = SD15_CONTEXT_DIM
 TEXT_TOKENS = 77
 LATENT_SIZE = 8
-LATENT_CHANNELS: dict[str, int] = {"sd15": 4, "sdxl": 4, "flux": 16}
+LATENT_CHANNELS: dict[str, int] = {"sd15": 4, "sdxl": 4, "flux": 16, "zimage": 16}
 
 
 def flux_version_params() -> dict[str, Any]:
@@ -102,6 +111,16 @@ def tiny_unet_config(kind: ModelKind) -> dict[str, Any]:
             "num_heads": 2, "depth": 1, "depth_single_blocks": 2, "axes_dim": [8, 12, 12],
             "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True,
             **flux_version_params(),
+        }
+    if kind == "zimage":
+        # What model_detection gives a Z-Image checkpoint (dim 3840 branch), shrunk: 2 heads of 128 channels
+        # (Z-Image's own RoPE axes 32/48/48), 2 joint layers, 1 noise and 1 context refiner, pad tokens to 32.
+        return {
+            "image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": ZIMAGE_DIM,
+            "cap_feat_dim": ZIMAGE_CAP_DIM, "n_layers": 2, "n_refiner_layers": 1, "qk_norm": True, "n_heads": 2,
+            "n_kv_heads": 2, "multiple_of": 32, "axes_dims": [32, 48, 48], "axes_lens": [1536, 512, 512],
+            "rope_theta": 256.0, "ffn_dim_multiplier": 8.0 / 3.0, "z_image_modulation": True, "time_scale": 1000.0,
+            "pad_tokens_multiple": ZIMAGE_PAD_MULTIPLE,
         }
     raise ValueError(f"unknown model kind {kind!r}")
 
@@ -172,9 +191,18 @@ def build_tiny_flux(seed: int = 0) -> comfy.model_patcher.ModelPatcher:
     return _patcher_for(config, seed)
 
 
+def build_tiny_zimage(seed: int = 0) -> comfy.model_patcher.ModelPatcher:
+    """Tiny Z-Image DiT (``comfy.supported_models.ZImage`` → ``model_base.Lumina2`` → ``NextDiT``): width 256,
+    2 heads, 2 joint layers, 1 noise / 1 context refiner, patch 2, caption and image padded to multiples of 32
+    with the learned pad tokens, fused ``attention.qkv`` like the real model."""
+    config = comfy.supported_models.ZImage(tiny_unet_config("zimage"))
+    return _patcher_for(config, seed)
+
+
 def build_tiny(kind: ModelKind, seed: int = 0) -> comfy.model_patcher.ModelPatcher:
-    """Build the tiny model of ``kind`` ("sd15", "sdxl" or "flux")."""
-    builders = {"sd15": build_tiny_sd15, "sdxl": build_tiny_sdxl, "flux": build_tiny_flux}
+    """Build the tiny model of ``kind`` ("sd15", "sdxl", "flux" or "zimage")."""
+    builders = {"sd15": build_tiny_sd15, "sdxl": build_tiny_sdxl, "flux": build_tiny_flux,
+                "zimage": build_tiny_zimage}
     if kind not in builders:
         raise ValueError(f"unknown model kind {kind!r}")
     return builders[kind](seed)
@@ -185,6 +213,8 @@ def model_kind(patcher: comfy.model_patcher.ModelPatcher) -> ModelKind:
     model = patcher.model
     if isinstance(model, comfy.model_base.Flux):
         return "flux"
+    if isinstance(model, comfy.model_base.Lumina2):
+        return "zimage"
     if isinstance(model, comfy.model_base.SDXL):
         return "sdxl"
     return "sd15"
@@ -213,6 +243,11 @@ def make_inputs(kind: ModelKind, batch: int = 1, seed: int = 0,
         ctx = torch.randn((batch, FLUX_TEXT_TOKENS, FLUX_CONTEXT_DIM), generator=gen)
         y = torch.randn((batch, FLUX_VEC_IN_DIM), generator=gen)
         return x, torch.full((batch,), 0.5), {"c_crossattn": ctx, "y": y, "guidance": torch.full((batch,), 3.5)}
+    if kind == "zimage":
+        if size % 2:
+            raise ValueError("zimage latents need an even size (patch size 2)")
+        ctx = torch.randn((batch, ZIMAGE_TEXT_TOKENS, ZIMAGE_CAP_DIM), generator=gen)
+        return x, torch.full((batch,), 0.5), {"c_crossattn": ctx, "num_tokens": ZIMAGE_TEXT_TOKENS}
     raise ValueError(f"unknown model kind {kind!r}")
 
 
@@ -250,6 +285,8 @@ def make_conditioning(kind: ModelKind, batch: int = 1, seed: int = 0) -> list[li
         cross = torch.randn((batch, FLUX_TEXT_TOKENS, FLUX_CONTEXT_DIM), generator=gen)
         pooled = torch.randn((batch, FLUX_VEC_IN_DIM), generator=gen)
         return [[cross, {"pooled_output": pooled, "guidance": 3.5}]]
+    if kind == "zimage":
+        return [[torch.randn((batch, ZIMAGE_TEXT_TOKENS, ZIMAGE_CAP_DIM), generator=gen), {}]]
     raise ValueError(f"unknown model kind {kind!r}")
 
 

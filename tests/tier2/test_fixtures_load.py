@@ -173,6 +173,9 @@ def test_tiny_model_builds_fast_deterministic_and_runs(kind: str) -> None:
     if kind == "flux":
         assert "transformer.transformer_blocks.0.attn.to_q" in key_map
         assert "diffusion_model.single_blocks.0.linear1_qkv" in key_map
+    elif kind == "zimage":
+        assert key_map["diffusion_model.layers.0.attention.to_k"] == (
+            "diffusion_model.layers.0.attention.qkv.weight", (0, tiny_models.ZIMAGE_DIM, tiny_models.ZIMAGE_DIM))
     else:
         assert comfy.utils.unet_to_diffusers(patcher.model.model_config.unet_config)
         assert any(k.startswith("unet.down_blocks.") for k in key_map)

@@ -1,0 +1,250 @@
+"""Regional LoRA (per-token routing) on Z-Image (ComfyUI's ``ZImage`` / ``Lumina2`` class, ``NextDiT``) against
+ComfyUI's own merged LoRAs, layer by layer.
+
+The tiny Z-Image pads its 20-token caption to 32 (12 ``cap_pad_token``) and its image tokens to a multiple of 32:
+a 16 × 12 latent is an 8 × 6 patch grid, 48 tokens, + 16 ``x_pad_token``. So every kind of token is there: the
+caption alone (``cap_embedder``), the padded caption (``context_refiner``), the bare grid (``x_embedder``), grid +
+image pads (``noise_refiner``) and the joint [caption + pads; grid; image pads] (``layers``, ``final_layer``).
+Regions are the left and right halves (3 of the 6 patch columns each), exactly 0/1 on the grid, so each grid token
+of each layer must equal one merged reference (LoRA a or b alone), text tokens both merged, and image pad tokens
+both at half strength (their rule: each LoRA by its share of the image). LoRA files use the diffusers names Z-Image
+trainers write (``diffusion_model.layers.0.attention.to_q``: slices of the fused qkv), which ComfyUI 0.3.75 and 0.33
+both map. Tolerances as in test_regional (1e-4, float32 reassociation; a LoRA moves outputs by > 1e-2).
+"""
+import logging
+
+import pytest
+import torch
+
+import comfy.sd
+import comfy.utils
+import folder_paths
+import nodes
+
+from support import lora_files, tiny_models
+
+H, W = 16, 12
+STRENGTHS = (0.8, 1.3)
+ATOL, RTOL = 1e-4, 1e-4
+TARGETS = "attn+ff+proj+mod"
+
+
+@pytest.fixture(scope="module")
+def patcher():
+    return tiny_models.build_tiny("zimage", seed=0)
+
+
+@pytest.fixture(scope="module")
+def names(comfy_state, patcher):
+    found = lora_files.write_lora_set(patcher, comfy_state["loras_dir"], "regional_zimage", (1, 2), "diffusers",
+                                      targets=TARGETS)
+    folder_paths.filename_list_cache.clear()
+    return found
+
+
+def rows_of(ml, names, strengths=STRENGTHS):
+    return [ml("core.stack").LoraRow(name=n, strength_model=s) for n, s in zip(names, strengths)]
+
+
+def halves(h=H, w=W):
+    left = torch.zeros(h, w)
+    left[:, : w // 2] = 1.0
+    return left, 1.0 - left
+
+
+def inputs(batch=2, seed=6):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn((batch, 16, H, W), generator=gen)
+    cap = torch.randn((batch, tiny_models.ZIMAGE_TEXT_TOKENS, tiny_models.ZIMAGE_CAP_DIM), generator=gen)
+    return x, torch.full((batch,), 0.5), {"c_crossattn": cap, "num_tokens": tiny_models.ZIMAGE_TEXT_TOKENS}
+
+
+def merged(patcher, names, strengths):
+    model = patcher
+    for name, strength in zip(names, strengths):
+        sd = comfy.utils.load_torch_file(folder_paths.get_full_path("loras", name), safe_load=True)
+        model, _ = comfy.sd.load_lora_for_models(model, None, sd, strength, 0.0)
+    return model
+
+
+def engine_of(clone, ml):
+    return clone.wrappers["apply_model"][ml("host.onthefly").WRAPPER_KEY][0].__self__
+
+
+def run_wrapped(clone, engine, patcher, x, sigma, cond, record=None, paths=None):
+    """One apply_model call through the clone's wrappers, recording each targeted layer's (input, output)."""
+    handles = []
+    with engine.attached(patcher.model), torch.no_grad():
+        try:
+            for path in (paths or engine.layers) if record is not None else ():
+                module = comfy.utils.get_attr(patcher.model, path)
+                handles.append(module.register_forward_hook(
+                    lambda m, args, out, p=path: record.__setitem__(p, (args[0].detach().clone(), out.detach().clone()))))
+            return patcher.model.apply_model(x, sigma, transformer_options={"wrappers": clone.wrappers}, **cond)
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def layer_outputs(patcher, reference, record):
+    """Each recorded layer applied to its recorded input with ``reference``'s merged weights."""
+    with tiny_models.patched(reference), torch.no_grad():
+        return {p: comfy.utils.get_attr(patcher.model, p)(x) for p, (x, _) in record.items()}
+
+
+def test_layout_roles_and_token_counts(ml, patcher, names):
+    """The roles of every LoRA'd layer, and the token counts the router expects match what each layer sees."""
+    rows = rows_of(ml, names)
+    clone = ml("methods.regional").regional_model(patcher, rows, list(halves()), "test")
+    engine = engine_of(clone, ml)
+    router = engine.token_router
+    assert router.family == "lumina" and router.text_multiple == 32
+    roles = router.roles
+    assert roles["diffusion_model.cap_embedder.1"] == "text"
+    assert roles["diffusion_model.context_refiner.0.attention.qkv"] == "text"
+    assert roles["diffusion_model.x_embedder"] == "image"
+    assert roles["diffusion_model.noise_refiner.0.feed_forward.w2"] == "image"
+    assert roles["diffusion_model.layers.1.attention.out"] == "joint"
+    assert roles["diffusion_model.final_layer.linear"] == "joint"
+    record = {}
+    run_wrapped(clone, engine, patcher, *inputs(batch=1), record=record)
+    tokens = {p: int(x.shape[1]) for p, (x, _) in record.items() if x.ndim == 3}
+    assert tokens["diffusion_model.cap_embedder.1"] == 20
+    assert tokens["diffusion_model.context_refiner.0.attention.qkv"] == 32
+    assert tokens["diffusion_model.x_embedder"] == 48
+    assert tokens["diffusion_model.noise_refiner.0.attention.qkv"] == 64
+    assert tokens["diffusion_model.layers.0.attention.qkv"] == 96
+    assert tokens["diffusion_model.final_layer.linear"] == 96
+
+
+def test_an_all_one_mask_equals_the_stack_and_comfyui_merged(ml, patcher, names):
+    """Row a's mask is all one (a 4 × 4 MASK, resized), row b has none: both act on every token, pads included."""
+    rows = rows_of(ml, names)
+    clone = ml("methods.regional").regional_model(patcher, rows, [torch.ones(4, 4), None], "test")
+    x, sigma, cond = inputs(batch=2, seed=5)
+    got = run_wrapped(clone, engine_of(clone, ml), patcher, x, sigma, cond)
+    stack = ml("host.engine").build_engine(patcher, rows, "test")
+    with stack.attached(patcher.model), stack.routed(torch.ones(2, 2)):
+        want_stack = tiny_models.forward(patcher, x, sigma, **cond)
+    torch.testing.assert_close(got, want_stack, atol=1e-6, rtol=1e-6)
+    with tiny_models.patched(merged(patcher, names, STRENGTHS)):
+        want = tiny_models.forward(patcher, x, sigma, **cond)
+    assert (want - tiny_models.forward(patcher, x, sigma, **cond)).abs().max() > 1e-2
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
+
+
+def test_each_token_of_each_layer_gets_only_its_regions_lora(ml, patcher, names):
+    """Left-half grid tokens equal LoRA a merged, right-half LoRA b merged; caption and caption pads both LoRAs
+    (every LoRA); image pads both at half strength (each LoRA's share of the image)."""
+    rows = rows_of(ml, names)
+    clone = ml("methods.regional").regional_model(patcher, rows, list(halves()), "test")
+    engine = engine_of(clone, ml)
+    record = {}
+    run_wrapped(clone, engine, patcher, *inputs(batch=2, seed=6), record=record)
+    ref_a = layer_outputs(patcher, merged(patcher, names[:1], STRENGTHS[:1]), record)
+    ref_b = layer_outputs(patcher, merged(patcher, names[1:], STRENGTHS[1:]), record)
+    ref_ab = layer_outputs(patcher, merged(patcher, names, STRENGTHS), record)
+    ref_half = layer_outputs(patcher, merged(patcher, names, [s / 2 for s in STRENGTHS]), record)
+    roles = engine.token_router.roles
+    grid = (H // 2) * (W // 2)
+    left = torch.zeros(H // 2, W // 2, dtype=torch.bool)
+    left[:, : W // 4] = True
+    left = left.flatten()
+    checked = {"text": 0, "image": 0, "image+pads": 0, "joint": 0}
+    for path, (_, got) in record.items():
+        a, b, ab, half = ref_a[path], ref_b[path], ref_ab[path], ref_half[path]
+        if got.ndim == 2:
+            continue  # vector layers (timestep, modulation): per-row weights, covered by the all-one test
+        if roles[path] == "text":
+            torch.testing.assert_close(got, ab, atol=ATOL, rtol=RTOL, msg=path)
+            checked["text"] += 1
+            continue
+        prefix = 32 if roles[path] == "joint" else 0
+        if prefix:
+            torch.testing.assert_close(got[:, :prefix], ab[:, :prefix], atol=ATOL, rtol=RTOL, msg=path)
+        image = slice(prefix, prefix + grid)
+        torch.testing.assert_close(got[:, image][:, left], a[:, image][:, left], atol=ATOL, rtol=RTOL, msg=path)
+        torch.testing.assert_close(got[:, image][:, ~left], b[:, image][:, ~left], atol=ATOL, rtol=RTOL, msg=path)
+        pads = got.shape[1] - prefix - grid
+        if pads:
+            assert pads == 16, path
+            torch.testing.assert_close(got[:, -pads:], half[:, -pads:], atol=ATOL, rtol=RTOL, msg=path)
+        checked["joint" if prefix else "image+pads" if pads else "image"] += 1
+        assert (a - b).abs().max() > 1e-3, path  # the two LoRAs differ on the layers compared
+    assert checked == {"text": 6, "image": 1, "image+pads": 5, "joint": 11}, checked
+
+
+def test_text_tokens_policy_none_leaves_regional_loras_off_the_caption(ml, patcher, names):
+    """Row a regional, row b everywhere, text_tokens 'no LoRA': caption layers and the joint layers' caption part
+    (its pads included) get LoRA b alone."""
+    rows = rows_of(ml, names)
+    left, _ = halves()
+    clone = ml("methods.regional").regional_model(patcher, rows, [left, None], "test", text_tokens="no LoRA")
+    engine = engine_of(clone, ml)
+    roles = engine.token_router.roles
+    paths = [p for p in engine.layers if roles[p] in ("text", "joint")]
+    record = {}
+    run_wrapped(clone, engine, patcher, *inputs(batch=1, seed=7), record=record, paths=paths)
+    ref_b = layer_outputs(patcher, merged(patcher, names[1:], STRENGTHS[1:]), record)
+    text = [p for p in paths if roles[p] == "text"]
+    assert text and len(paths) > len(text)
+    for p in paths:
+        got, want = record[p][1], ref_b[p]
+        if got.ndim == 3 and roles[p] == "joint":
+            got, want = got[:, :32], want[:, :32]
+        if got.ndim == 3:
+            torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL, msg=p)
+
+
+def test_each_image_of_a_batch_equals_the_same_noise_sampled_alone(ml, patcher, names):
+    """Batch 3 with a left/right split equals each image alone (one model call each, same noise slice)."""
+    clone = ml("methods.regional").regional_model(patcher, rows_of(ml, names), list(halves()), "test")
+    engine = engine_of(clone, ml)
+    x, sigma, cond = inputs(batch=3, seed=9)
+    batch = run_wrapped(clone, engine, patcher, x, sigma, cond)
+    for i in range(3):
+        one = {"c_crossattn": cond["c_crossattn"][i:i + 1], "num_tokens": cond["num_tokens"]}
+        alone = run_wrapped(clone, engine, patcher, x[i:i + 1], sigma[i:i + 1], one)
+        torch.testing.assert_close(batch[i:i + 1], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_reference_latents_and_unknown_layouts_are_named_errors(ml, patcher, names):
+    regional = ml("methods.regional")
+    error = ml("core.regions").RegionError
+    clone = regional.regional_model(patcher, rows_of(ml, names), list(halves()), "test")
+    x, sigma, cond = inputs(batch=1)
+    with pytest.raises(error, match=r"^test: the conditioning holds reference latents \(Z-Image omni / edit mode\).*"
+                                    r"Remove the ReferenceLatent node"):
+        run_wrapped(clone, engine_of(clone, ml), patcher, x, sigma, {**cond, "ref_latents": [torch.zeros(1, 16, 8, 8)]})
+    roles = ml("host.token_routing").token_roles
+
+    class PixelSpace(torch.nn.Module):  # the attributes of 0.33's NextDiTPixelSpace that tell it apart
+        cap_embedder = x_embedder = context_refiner = noise_refiner = layers = dec_net = torch.nn.Identity()
+    with pytest.raises(error, match=r"^test: the pixel-space Z-Image \(PixelSpace\) decodes every patch"):
+        roles(PixelSpace(), ["diffusion_model.layers.0.attention.qkv"], "test")
+
+
+def test_sampler_node_with_a_white_mask_equals_loraloader_ksampler(comfy_state, ml, patcher, names, caplog):
+    """KSampler (Regional LoRA) with a white image-size mask on row 1 and none on row 2 samples what KSampler
+    samples on both LoRAs merged by ComfyUI (4 steps, cfg 4)."""
+    stack = ml("core.stack").LoraStack(tuple(rows_of(ml, names)))
+    positive = tiny_models.make_conditioning("zimage", seed=1)
+    negative = tiny_models.make_conditioning("zimage", seed=2)
+    latent = {"samples": torch.zeros(1, 16, H, W)}
+    node = nodes.NODE_CLASS_MAPPINGS["MultiLoRARegionalSampler"]
+    with caplog.at_level(logging.INFO, logger="multilora"):
+        got = node.execute(model=patcher, lora_stack=stack, seed=3, steps=4, cfg=4.0, sampler_name="euler",
+                           scheduler="simple", positive=positive, negative=negative, latent_image=latent,
+                           denoise=1.0, mask_1=torch.ones(1, 8 * H, 8 * W)).result[0]["samples"]
+    assert f"the mask of row 1 is {8 * W}×{8 * H}; resized to the latent's {W}×{H}" in caplog.text
+    ksampler = nodes.KSampler()
+    want = ksampler.sample(merged(patcher, names, STRENGTHS), 3, 4, 4.0, "euler", "simple", positive, negative,
+                           latent, 1.0)[0]["samples"]
+    base = ksampler.sample(patcher, 3, 4, 4.0, "euler", "simple", positive, negative, latent, 1.0)[0]["samples"]
+    assert (want - base).abs().max() > 1e-1
+    torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
+    split = node.execute(model=patcher, lora_stack=stack, seed=3, steps=4, cfg=4.0, sampler_name="euler",
+                         scheduler="simple", positive=positive, negative=negative, latent_image=latent, denoise=1.0,
+                         mask_1=halves()[0], mask_2=halves()[1]).result[0]["samples"]
+    assert (split - want).abs().max() > 1e-2  # the regions change the image
+    assert patcher.wrappers == {} and torch.count_nonzero(latent["samples"]) == 0
