@@ -2,7 +2,8 @@
 
 SD1.5 and SDXL UNets are built inside ComfyUI from their real configs with N(0, 1/fan_in) fp16 weights
 (timing does not depend on weight values); LoRAs are kohya rank-16 files on attention q/k/v/out,
-feed-forward and proj_in/out of every transformer block, as kohya trains them.
+feed-forward and proj_in/out of every transformer block, as kohya trains them. Flux.1-dev and Z-Image-Turbo
+transformers are built the same way in bf16 (their LoRAs: every block's attention and feed-forward linears).
 """
 from __future__ import annotations
 
@@ -59,6 +60,8 @@ def write_loras(patcher, count: int, folder: str, rank: int = 16) -> list[str]:
     state = patcher.model.state_dict()
     if hasattr(patcher.model.diffusion_model, "double_blocks"):
         keys = flux_lora_keys(state)
+    elif hasattr(patcher.model.diffusion_model, "cap_embedder"):
+        keys = zimage_lora_keys(state)
     else:
         keys = [k for k in state if k.endswith(".weight") and (
             any(f".{t}.weight" in k for t in LORA_TARGETS) and "transformer_blocks" in k
@@ -127,6 +130,51 @@ def build_flux(tiny: bool = False):
 def flux_lora_keys(state) -> list[str]:
     return [k for k in state if k.endswith(".weight") and state[k].ndim == 2
             and ("double_blocks." in k or "single_blocks." in k) and any(f".{t}.weight" in k for t in FLUX_LORA_TARGETS)]
+
+
+# Z-Image-Turbo's transformer (6.15 B parameters; what model_detection gives its checkpoint, pad tokens included).
+ZIMAGE = {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 3840, "cap_feat_dim": 2560,
+          "n_layers": 30, "n_refiner_layers": 2, "qk_norm": True, "n_heads": 30, "n_kv_heads": 30,
+          "axes_dims": [32, 48, 48], "axes_lens": [1536, 512, 512], "rope_theta": 256.0,
+          "ffn_dim_multiplier": 8.0 / 3.0, "z_image_modulation": True, "time_scale": 1000.0, "pad_tokens_multiple": 32}
+ZIMAGE_TINY = dict(ZIMAGE, dim=256, n_heads=2, n_kv_heads=2, n_layers=2, n_refiner_layers=1, cap_feat_dim=32,
+                   multiple_of=32)
+ZIMAGE_LORA_TARGETS = ("attention.qkv", "attention.out", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
+ZIMAGE_CAPTION_TOKENS = 100
+"""A prompt of ~90 words in Qwen3's chat template; the model pads it to 128 with its caption pad token."""
+
+
+def build_zimage(tiny: bool = False):
+    """Z-Image-Turbo-sized (or ``tiny``) random bf16 transformer through ComfyUI's own ZImage / Lumina2 classes."""
+    import torch
+
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+    spec = comfy.supported_models.ZImage(dict(ZIMAGE_TINY if tiny else ZIMAGE))
+    spec.set_inference_dtype(torch.float32 if tiny else torch.bfloat16, None)
+    device = comfy.model_management.get_torch_device()
+    model = spec.get_model({}, "", device=device)
+    fill_random_(model, torch.Generator(device=device).manual_seed(0))
+    model.eval()
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
+
+
+def zimage_lora_keys(state) -> list[str]:
+    """Attention and feed-forward linears of every block (main layers and both refiners), as Z-Image LoRAs train."""
+    return [k for k in state if k.endswith(".weight") and state[k].ndim == 2
+            and k.startswith(("diffusion_model.layers.", "diffusion_model.noise_refiner.",
+                              "diffusion_model.context_refiner."))
+            and any(f".{t}.weight" in k for t in ZIMAGE_LORA_TARGETS)]
+
+
+def zimage_conds(tiny: bool = False):
+    """Random caption features (Qwen3-4B's 2560 wide; Z-Image-Turbo samples without CFG, the negative is unused)."""
+    import torch
+    gen = torch.Generator().manual_seed(1)
+    width, tokens = (32, 20) if tiny else (2560, ZIMAGE_CAPTION_TOKENS)
+    make = lambda: [[torch.randn(1, tokens, width, generator=gen), {}]]
+    return make(), make()
 
 
 def flux_conds(tiny: bool = False):

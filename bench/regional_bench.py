@@ -1,7 +1,9 @@
 """GPU benchmark of Regional LoRA against ComfyUI's merged-LoRA sampler, same run (protocol of run_bench.py).
 
-Models: SDXL 1024² (full-size random fp16 UNet) and Flux.1-dev 1024² (full-size random bf16 transformer through
-ComfyUI's Flux class), k = 2 / 4 random rank-16 LoRAs (``bench_models``). Rows per (model, k):
+Models: SDXL 1024² (full-size random fp16 UNet), Flux.1-dev 1024² (full-size random bf16 transformer through
+ComfyUI's Flux class) and Z-Image-Turbo 1024² (full-size random bf16 NextDiT through ComfyUI's ZImage class; cfg 1 as
+Turbo samples, so one batch row per step; a 100-token caption, padded to 128 by the model; 4096 image tokens, no
+image pads), k = 2 / 4 random rank-16 LoRAs (``bench_models``). Rows per (model, k):
 
     merged (a)          comfy.sample on the model with the k LoRAs merged by ComfyUI (stock, eager)
     merged + graphs (b) the same merged model replayed through the pack's CUDA-graph wrapper (the fair baseline)
@@ -9,12 +11,13 @@ ComfyUI's Flux class), k = 2 / 4 random rank-16 LoRAs (``bench_models``). Rows p
     regional            each LoRA in its own region (k = 2: left / right halves; k = 4: quadrants), eager and graphed
     regional, auto      automatic masks (mask_from "concept attention", the node's defaults: 3 recording steps, then
                         frozen) from the concept words of ``PROMPT``, eager and graphed; the text encoder is not run
-                        (the conditioning stays random), only ComfyUI's own tokenizer finds the concept tokens
+                        (the conditioning stays random), only ComfyUI's own tokenizer finds the concept tokens;
+                        only on the families whose concept attention the pack reads (``regional_auto.check_family``)
 
 Each row: seconds per image (median of --repeats after a warm-up), ms/step, peak torch.cuda.max_memory_allocated,
 ratios to (a) and (b), peak memory as a multiple of (b), and graphed-vs-eager max |Δ latent|.
-Usage (GPU): python bench/regional_bench.py --out $OUT [--models sdxl flux] [--ks 2 4] [--steps 10]
-CPU smoke test of the script itself: python bench/regional_bench.py --tiny --out /tmp/x
+Usage (GPU): python bench/regional_bench.py --out $OUT [--models sdxl flux zimage] [--ks 2 4] [--steps 10]
+CPU smoke test of the script itself (tiny Flux and Z-Image): python bench/regional_bench.py --tiny --out /tmp/x
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(REPO, "testbed"))
 
-from bench_models import build_flux, build_unet, conds, flux_conds, write_loras  # noqa: E402
+from bench_models import build_flux, build_unet, build_zimage, conds, flux_conds, write_loras, zimage_conds  # noqa: E402
 from boot import boot_comfy  # noqa: E402
 from run_bench import graphs  # noqa: E402
 
@@ -88,12 +91,16 @@ def tokenizer_clip(kind: str) -> TokenizerOnly:
     return TokenizerOnly(SD1Tokenizer(embedding_directory=None, tokenizer_data={}))
 
 
+CFG = {"flux": 3.5, "zimage": 1.0}
+BUILD = {"flux": build_flux, "zimage": build_zimage}
+
+
 def time_model(make, kind, steps, repeats, size, tiny):
     import torch
 
     import comfy.sample
-    positive, negative = flux_conds(tiny) if kind == "flux" else conds(kind)
-    latent = torch.zeros(1, 16 if kind == "flux" else 4, size, size)
+    positive, negative = flux_conds(tiny) if kind == "flux" else zimage_conds(tiny) if kind == "zimage" else conds(kind)
+    latent = torch.zeros(1, 16 if kind in BUILD else 4, size, size)
     noise = comfy.sample.prepare_noise(latent, 42)
     model = make()
     if torch.cuda.is_available():
@@ -102,7 +109,7 @@ def time_model(make, kind, steps, repeats, size, tiny):
     for r in range(repeats + 1):
         sync()
         start = time.perf_counter()
-        out = comfy.sample.sample(model, noise, steps, 3.5 if kind == "flux" else 7.0, "euler", "simple",
+        out = comfy.sample.sample(model, noise, steps, CFG.get(kind, 7.0), "euler", "simple",
                                   positive, negative, latent, disable_pbar=True, seed=42)
         sync()
         if r:
@@ -116,14 +123,18 @@ def run(kind, ml, ks, steps, repeats, tiny, results, out_dir):
     import comfy.sd
     import comfy.utils
     import folder_paths
-    patcher = build_flux(tiny) if kind == "flux" else build_unet(kind)
+    patcher = BUILD[kind](tiny) if kind in BUILD else build_unet(kind)
     size = 16 if tiny else 128
     folder = tempfile.mkdtemp(prefix=f"regional-{kind}-")
     names, layers = write_loras(patcher, max(ks), folder)
     folder_paths.add_model_folder_path("loras", folder, is_default=True)
     stack, engine, regional = ml("core.stack"), ml("host.engine"), ml("methods.regional")
     auto, phases = ml("methods.regional_auto"), ml("core.auto_masks").AutoMaskPhases()
-    clip = tokenizer_clip(kind)
+    try:
+        auto.check_family(patcher.model.diffusion_model, "bench")
+        clip = tokenizer_clip(kind)
+    except ml("core.regions").RegionError:
+        clip = None  # no concept attention read on this family: no automatic-mask rows
     for k in ks:
         rows = [stack.LoraRow(n, 0.8) for n in names[:k]]
         concept_rows = [stack.LoraRow(n, 0.8, concept=c) for n, c in zip(names[:k], CONCEPTS)]
@@ -145,7 +156,7 @@ def run(kind, ml, ks, steps, repeats, tiny, results, out_dir):
                    ("regional, user masks, eager", lambda: regional.regional_model(patcher, rows, masks, "bench"), False),
                    ("regional, user masks, graphs", lambda: regional.regional_model(patcher, rows, masks, "bench"), True),
                    ("regional, auto masks, eager", automatic, False),
-                   ("regional, auto masks, graphs", automatic, True)]
+                   ("regional, auto masks, graphs", automatic, True)][:None if clip is not None else -2]
         latents = {}
         for label, make, graphed in methods:
             with graphs(graphed):
@@ -154,7 +165,7 @@ def run(kind, ml, ks, steps, repeats, tiny, results, out_dir):
             entry.update(model=kind, k=k, method=label, steps=steps, lora_layers=layers)
             results.append(entry)
             print(json.dumps(entry), flush=True)
-        for found in ("user", "auto"):
+        for found in ("user", "auto") if clip is not None else ("user",):
             eager, graphed = latents[f"regional, {found} masks, eager"], latents[f"regional, {found} masks, graphs"]
             row = next(r for r in results if r["model"] == kind and r["k"] == k
                        and r["method"] == f"regional, {found} masks, graphs")
@@ -192,16 +203,17 @@ def write_report(results, out_dir):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
-    parser.add_argument("--models", nargs="+", default=["sdxl", "flux"], choices=["sdxl", "flux"])
+    parser.add_argument("--models", nargs="+", default=["sdxl", "flux", "zimage"], choices=["sdxl", "flux", "zimage"])
     parser.add_argument("--ks", nargs="+", type=int, default=[2, 4])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--tiny", action="store_true", help="tiny Flux on the CPU: checks the script, times nothing")
+    parser.add_argument("--tiny", action="store_true",
+                        help="tiny Flux and Z-Image on the CPU: checks the script, times nothing")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     ml = boot_comfy()
     results = []
-    models = ["flux"] if args.tiny else args.models
+    models = ["flux", "zimage"] if args.tiny else args.models
     for kind in models:
         run(kind, ml, args.ks, 2 if args.tiny else args.steps, 1 if args.tiny else args.repeats, args.tiny, results,
             args.out)
