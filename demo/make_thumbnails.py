@@ -44,6 +44,7 @@ CARDS = {
     "multilora_clora_subject_style": ("CLoRA + style", "masked subjects, style everywhere", "clora"),
     "multilora_compare": ("Compare methods", "one stack and seed, a tile per method", "compare"),
     "multilora_regional_sdxl": ("Regional LoRA", "each subject LoRA in its mask, one pass", "regional"),
+    "multilora_regional_flux": ("Regional LoRA: Flux", "two characters in their masks, one pass", "regional"),
 }
 COMPARE_METHODS = (("Merge", "merge"), ("LoRA Switch", "switch"), ("LoRA Composite", "composite"),
                    ("CLoRA", "clora"), ("CMLoRA", "cmlora"))

@@ -3,7 +3,10 @@
 Each UI-format workflow is converted to an API prompt the way the frontend does
 (``support.workflow_api.ui_to_api``), scaled down (64x64 latent, 4 steps) and pointed at the tiny
 real-format SD1.5 checkpoint; the demo LoRAs it references are written into the loras folder under
-their own names. The run must end with a real, non-constant PNG from SaveImage (and, in the CLoRA
+their own names. The Flux workflow keeps its loaders (UNETLoader, DualCLIPLoader, VAELoader) and runs on tiny
+Flux.1-dev files under its own file names (``support.tiny_flux_files``: a real-format DiT, CLIP-L, VAE and a
+T5 in T5-XXL's layout at tiny sizes, the one size ComfyUI takes from the test instead of the file).
+The run must end with a real, non-constant PNG from SaveImage (and, in the CLoRA
 workflows, a preview PNG from CLoRA Mask Preview; in the Compare workflow, its grid and its table).
 """
 from __future__ import annotations
@@ -46,9 +49,11 @@ COMPARE_WORKFLOW = "multilora_compare.json"
 COMPARE_TABLE_ROWS = {"merge": "Merge", "lora_switch": "LoRA Switch", "lora_composite": "LoRA Composite",
                       "clora": "CLoRA", "cmlora": "CMLoRA"}
 """The Compare node's run_* toggles and the method names its table and grid labels use."""
-REGIONAL_WORKFLOWS = ("multilora_regional_sdxl.json",)
+REGIONAL_WORKFLOWS = ("multilora_regional_sdxl.json", "multilora_regional_flux.json")
 """KSampler (Regional LoRA): two subject rows with left/right masks made by core SolidMask + MaskComposite, a style
-row without a mask."""
+row without a mask; the same on SDXL and on Flux.1-dev."""
+FLUX_WORKFLOWS = ("multilora_regional_flux.json",)
+"""Loaded as Flux.1-dev is (UNETLoader, DualCLIPLoader type flux, VAELoader): run on the tiny Flux files."""
 EXPECTED = set(METHOD_WORKFLOWS) | set(CLORA_WORKFLOWS) | {COMPARE_WORKFLOW} | set(REGIONAL_WORKFLOWS)
 TEST_SIZE = 64
 TEST_STEPS = 4
@@ -102,15 +107,15 @@ def in_prompt(words: str, prompt: str) -> bool:
     return re.search(pattern, prompt, re.IGNORECASE) is not None
 
 
-def scaled_for_test(prompt: dict, ckpt_name: str, prefix: str) -> dict:
+def scaled_for_test(prompt: dict, ckpt_name: str | None, prefix: str) -> dict:
     """Small sizes and the tiny checkpoint; LoRA switching every step so 4 steps still cycle; CLoRA with
     2 refinement iterations (instead of 20) at its refinement steps."""
     prompt = copy.deepcopy(prompt)
     for node in prompt.values():
         inputs = node["inputs"]
-        if node["class_type"] == "EmptyLatentImage":
+        if node["class_type"] in ("EmptyLatentImage", "EmptySD3LatentImage"):
             inputs.update(width=TEST_SIZE, height=TEST_SIZE, batch_size=1)
-        if "ckpt_name" in inputs:
+        if "ckpt_name" in inputs and ckpt_name is not None:
             inputs["ckpt_name"] = ckpt_name
         if "steps" in inputs and not isinstance(inputs["steps"], list):
             inputs["steps"] = TEST_STEPS
@@ -159,18 +164,32 @@ def test_workflow_matches_the_node_definitions(path):
     assert workflow["last_node_id"] == max(n["id"] for n in workflow["nodes"])
 
 
+@pytest.fixture(scope="module")
+def flux_files(comfy_state) -> dict:
+    """The tiny Flux.1-dev files under the Flux workflow's names, and its LoRAs (support.tiny_flux_files)."""
+    from support import tiny_flux_files
+    return tiny_flux_files.write_flux_files(os.path.join(os.path.dirname(comfy_state["loras_dir"]), "flux_models"))
+
+
 @pytest.mark.parametrize("path", WORKFLOW_FILES, ids=os.path.basename)
-def test_workflow_runs_in_comfyui(path, demo_files):
+def test_workflow_runs_in_comfyui(path, request, monkeypatch):
     stem = os.path.splitext(os.path.basename(path))[0]
     prefix = f"test_workflows/{stem}-{uuid.uuid4().hex[:8]}"
-    prompt = scaled_for_test(ui_to_api(load(path)), demo_files, prefix)
+    flux = os.path.basename(path) in FLUX_WORKFLOWS
+    files = request.getfixturevalue("flux_files" if flux else "demo_files")
+    prompt = scaled_for_test(ui_to_api(load(path)), None if flux else files, prefix)
     lora_names = set(folder_paths.get_filename_list("loras"))
     for node in prompt.values():
         for key, value in node["inputs"].items():
             if key.startswith("lora_") and isinstance(value, str) and value != "None":
                 assert value in lora_names, f"{stem} references {value}, which the test does not provide"
 
-    server = run_prompt(prompt)
+    if flux:
+        from support.tiny_flux_files import tiny_t5_sizes
+        with tiny_t5_sizes(monkeypatch):
+            server = run_prompt(prompt)
+    else:
+        server = run_prompt(prompt)
 
     # The stub server has no client id, so ComfyUI sends no 'executed' messages: find the file instead.
     files = glob.glob(os.path.join(folder_paths.get_output_directory(), prefix + "_*.png"))
@@ -408,8 +427,9 @@ def test_ui_to_api_fills_defaults_for_widgets_missing_from_an_older_save():
         ui_to_api(workflow)
 
 
-def test_regional_workflow_gives_each_subject_its_half():
-    prompt = ui_to_api(load(os.path.join(WORKFLOWS_DIR, REGIONAL_WORKFLOWS[0])))
+@pytest.mark.parametrize("name", REGIONAL_WORKFLOWS)
+def test_regional_workflow_gives_each_subject_its_half(name):
+    prompt = ui_to_api(load(os.path.join(WORKFLOWS_DIR, name)))
     sampler = prompt[sampler_id(prompt)]
     assert sampler["class_type"] == "MultiLoRARegionalSampler"
     regions = {}
@@ -421,3 +441,41 @@ def test_regional_workflow_gives_each_subject_its_half():
     assert regions == {"mask_1": (0, 512, 1.0), "mask_2": (512, 512, 1.0)}
     stack = next(n for n in prompt.values() if n["class_type"] == "MultiLoRAStack")["inputs"]
     assert stack["category_3"] == "style" and "mask_3" not in sampler["inputs"]
+
+
+def test_flux_regional_workflow_is_the_sdxl_one_loaded_as_flux_dev():
+    """Flux.1-dev as its users load it (the diffusion model, CLIP-L + T5-XXL as DualCLIPLoader type flux, the Flux
+    VAE), with its sampling (FluxGuidance 3.5 on the positive, CFG 1 so the zeroed negative is never computed,
+    euler / simple, a 16-channel SD3 latent); prompt, seed, steps, masks, feather and the stack's rows (categories,
+    concepts, on, strengths) are the SDXL workflow's, only the LoRA files are Flux ones."""
+    flux = ui_to_api(load(os.path.join(WORKFLOWS_DIR, FLUX_WORKFLOWS[0])))
+    sdxl = ui_to_api(load(os.path.join(WORKFLOWS_DIR, REGIONAL_WORKFLOWS[0])))
+    sampler = flux[sampler_id(flux)]["inputs"]
+    assert linked(flux, sampler_id(flux), "model")["inputs"] == {"unet_name": "flux1-dev.safetensors",
+                                                                 "weight_dtype": "default"}
+    guidance = linked(flux, sampler_id(flux), "positive")
+    assert guidance["class_type"] == "FluxGuidance" and guidance["inputs"]["guidance"] == 3.5
+    prompt_node = flux[guidance["inputs"]["conditioning"][0]]
+    assert prompt_node["class_type"] == "CLIPTextEncode"
+    zero = linked(flux, sampler_id(flux), "negative")
+    assert zero["class_type"] == "ConditioningZeroOut" and zero["inputs"]["conditioning"] == guidance["inputs"]["conditioning"]
+    loader = flux[prompt_node["inputs"]["clip"][0]]
+    assert loader["class_type"] == "DualCLIPLoader" and {k: v for k, v in loader["inputs"].items() if k != "device"} == {
+        "clip_name1": "clip_l.safetensors", "clip_name2": "t5xxl_fp16.safetensors", "type": "flux"}
+    decode = next(n for n in flux.values() if n["class_type"] == "VAEDecode")
+    assert flux[decode["inputs"]["vae"][0]]["inputs"] == {"vae_name": "ae.safetensors"}
+    assert linked(flux, sampler_id(flux), "latent_image")["class_type"] == "EmptySD3LatentImage"
+    assert (sampler["cfg"], sampler["sampler_name"], sampler["scheduler"]) == (1.0, "euler", "simple")
+
+    sdxl_sampler = sdxl[sampler_id(sdxl)]["inputs"]
+    same = ("seed", "steps", "denoise", "feather", "text_tokens", "mask_from")
+    assert {k: sampler[k] for k in same} == {k: sdxl_sampler[k] for k in same}
+    sdxl_text = linked(sdxl, sampler_id(sdxl), "positive")["inputs"]["text"]
+    assert prompt_node["inputs"]["text"] == sdxl_text
+    rows = stack_rows(next(n for n in flux.values() if n["class_type"] == "MultiLoRAStack")["inputs"])
+    sdxl_rows = stack_rows(next(n for n in sdxl.values() if n["class_type"] == "MultiLoRAStack")["inputs"])
+    keep = ("on", "strength_model", "concept", "trigger")
+    assert [{k: r[k] for k in keep} for r in rows] == [{k: r[k] for k in keep} for r in sdxl_rows]
+    assert [r["category"] for r in rows] == ["character", "character", "style"]
+    assert [r["lora"] for r in rows] == ["demo_flux_knight.safetensors", "demo_flux_dragon.safetensors",
+                                         "demo_flux_style.safetensors"]
