@@ -127,6 +127,24 @@ def concept_positions(tokenize_fn: TokenizeFn, prompt: str, words: Sequence[str]
     return positions
 
 
+def bpe_concept_positions(prompt_rows: Rows, tokenize_word: TokenizeFn, prompt: str, words: Sequence[str],
+                          node: str = "CLoRA") -> dict[str, list[int]]:
+    """Token positions of each word in a byte-level BPE prompt (Qwen, GPT-2 style: no BOS / EOS, a word's tokens
+    depend on the space before it and its case). Each word is looked up as " word" and "word", as written, lower
+    case and capitalised; ``tokenize_word`` tokenizes a fragment without any chat template. ConceptNotFoundError
+    names ``node`` and the first absent word."""
+    positions: dict[str, list[int]] = {}
+    for word in words:
+        found: set[int] = set()
+        for form in dict.fromkeys((word, word.lower(), word.capitalize())):
+            for text in (" " + form, form):
+                found.update(find_positions(prompt_rows, word_token_ids(tokenize_word, text, -1, -1), -1, -1))
+        if not found:
+            raise concept_not_found(word, prompt, node)
+        positions[word] = sorted(found)
+    return positions
+
+
 def _phrase_pattern(text: str) -> str:
     """Regex for ``text`` as whole words, any run of whitespace between its words."""
     return _BEFORE + r"\s+".join(re.escape(w) for w in text.split()) + _AFTER

@@ -1,4 +1,5 @@
-"""Concept-token attention of a Flux-family DiT (ComfyUI's ``comfy.ldm.flux``), for automatic regional masks.
+"""Concept-token attention of a Flux-family DiT (ComfyUI's ``comfy.ldm.flux``) or a Lumina-family NextDiT
+(``comfy.ldm.lumina``: Z-Image, Lumina 2), for automatic regional masks.
 
 A Flux double block attends jointly over [text; image] tokens: q = [q_txt; q_img], k = [k_txt; k_img], each stream
 with its own projection and QK RMS-norm (``SelfAttention.norm``, a ``QKNorm``), then RoPE (``math.attention`` →
@@ -20,6 +21,15 @@ stream (reference-image tokens after them are skipped).
 Capture is a context manager around one model call: forward hooks on each double block (for ``pe``), its
 ``img_attn.norm`` (normed image q) and ``txt_attn.norm`` (normed text k), all removed in ``finally``; the block's
 outputs are untouched. Host module.
+
+NextDiT (``NextDiTConceptAttention``): every main layer attends over the joint [caption + pads; image; image pads]
+with one fused ``attention.qkv`` for all tokens, then ``q_norm`` / ``k_norm`` (RMSNorm per head) and RoPE. 0.3.75
+calls the norms as modules and ``apply_rope``; 0.33 fuses both into one kernel (``rms_rope``), so the norms cannot
+be hooked: here q and k are read from the ``qkv`` output (after the engine's LoRA hook) and normed and rotated as
+ComfyUI does (RMSNorm with the module's weight and eps, float32 eps when it has none; the block's ``freqs_cis``).
+Image queries are the grid tokens after the padded caption; text keys are the caption's own T tokens (its pad
+tokens carry no word), each key head shared by its query heads (GQA, as the model repeats them). Recorded on every
+main layer, averaged over heads and layers, the same softmax over text keys as above.
 """
 from __future__ import annotations
 
@@ -150,3 +160,75 @@ class DiTConceptAttention:
             return None
         mean = self._sum / self._count
         return mean.transpose(1, 2).reshape(mean.shape[0], mean.shape[2], *self.grid)
+
+
+def rms_normed(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
+    """x (float32) through ``norm`` as ComfyUI's RMSNorm / fused rms_rope compute it (identity when it has no weight)."""
+    weight = getattr(norm, "weight", None)
+    x = x.float()
+    if weight is None:
+        return x
+    eps = getattr(norm, "eps", None)
+    eps = torch.finfo(torch.float32).eps if eps is None else eps
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.to(device=x.device, dtype=torch.float32)
+
+
+class NextDiTConceptAttention(DiTConceptAttention):
+    """Records A [rows, N, C] on a Lumina-family NextDiT (Z-Image, Lumina 2): image queries × caption keys of every
+    main layer. ``text_multiple``: the multiple the model pads its caption to."""
+
+    def __init__(self, columns: Sequence[int], text_multiple: int = 1, node: str = "Regional LoRA"):
+        super().__init__(columns, node)
+        self.text_multiple = max(1, int(text_multiple))
+
+    @contextlib.contextmanager
+    def recording(self, diffusion_model, chunks: Sequence[int], latent: tuple[int, int], cond_index: int = 0,
+                  patch: int = 2) -> Iterator[None]:
+        """Hooks on the caption embedder (for T) and every main layer's attention for one model call."""
+        layers = list(getattr(diffusion_model, "layers", []) or [])
+        if not layers:
+            raise RegionError(f"{self.node}: {type(diffusion_model).__name__} has no joint layers, so automatic masks "
+                              "cannot read its text-to-image attention; connect masks instead.")
+        wanted = [c for c, index in enumerate(chunks) if int(index) == cond_index]
+        grid = (-(-latent[0] // patch), -(-latent[1] // patch))
+        state: dict = {}
+        handles = []
+        try:
+            if wanted:
+                def on_caption(module, args):
+                    state["text"] = int(args[0].shape[1])
+                handles.append(diffusion_model.cap_embedder.register_forward_pre_hook(on_caption))
+                for layer in layers:
+                    handles += self._layer_hooks(layer.attention, state, len(chunks), wanted, grid)
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _layer_hooks(self, attention, state: dict, chunk_count: int, wanted: list[int], grid: tuple[int, int]) -> list:
+        def on_attention(module, args, kwargs):
+            state["pe"] = kwargs.get("freqs_cis", args[2] if len(args) > 2 else None)
+
+        def on_qkv(module, args, output):
+            self._add_layer(attention, output, state, chunk_count, wanted, grid)
+
+        return [attention.register_forward_pre_hook(on_attention, with_kwargs=True),
+                attention.qkv.register_forward_hook(on_qkv)]
+
+    def _add_layer(self, attention, qkv: torch.Tensor, state: dict, chunk_count: int, wanted: list[int],
+                   grid: tuple[int, int]) -> None:
+        heads, kv_heads, dim = attention.n_local_heads, attention.n_local_kv_heads, attention.head_dim
+        text, n = state["text"], grid[0] * grid[1]
+        start = text + (-text) % self.text_multiple
+        rows = self._rows(qkv, chunk_count, wanted)
+        q = rows[:, start:start + n, :heads * dim].unflatten(-1, (heads, dim))
+        k = rows[:, :text, heads * dim:(heads + kv_heads) * dim].unflatten(-1, (kv_heads, dim))
+        q, k = rms_normed(q, attention.q_norm), rms_normed(k, attention.k_norm)
+        pe = state.get("pe")
+        if pe is not None:  # [B or 1, L, 1, d/2, 2, 2]
+            pe = self._rows(pe, chunk_count, wanted) if pe.shape[0] == qkv.shape[0] else pe
+            q, k = rope_rotate(q, pe[:, start:start + n]), rope_rotate(k, pe[:, :text])
+        k = k.repeat_interleave(heads // kv_heads, dim=2)
+        chunks = list(range(len(wanted)))  # rows already picked: _add averages the positive chunks
+        self._add(q.transpose(1, 2), k.transpose(1, 2), {"text": text, "pe": None, "mask": None}, len(chunks), chunks,
+                  grid)

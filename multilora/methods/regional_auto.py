@@ -5,15 +5,19 @@ Attention of the concept tokens to the image tokens, conditional chunks only:
 - UNets (SD1.x, SDXL): CLoRA's cross-attention capture (``host.attention_capture``): softmax(q·kᵀ/√d) over the
   prompt's tokens at the latent/4 level (else the deepest with cross-attention), averaged over heads and layers;
 - Flux-family DiTs: the image-query × text-key block of every double block's joint attention with a softmax over
-  the text keys only (``host.dit_attention``), averaged over heads and blocks.
-Token positions come from the tokenizer (``core.prompt_tokens``): CLIP's stream on UNets, T5's on Flux (its
-text stream is the T5 encoding). The capture runs only in the model calls of the recording steps (it forces
-those calls eager); the masks reach the engine through ``TokenRouter.set_maps`` (in place, graph-safe).
-Drawn masks stay in force in every step; rows of category ``style`` and rows without a concept word act
-everywhere. A drawn user patch on the same attention sites (attn2 replace) is bypassed in recording calls.
-Nothing depends on a sampler node of the pack: the step comes from each call's σ in the run's own schedule
-(``sample_sigmas``), and every sampling run starts over (the plain stack, then masks of its own), so the patched
-MODEL of ``Regional LoRA (model patch)`` works under any sampler node and gives the same image on every run.
+  the text keys only (``host.dit_attention``), averaged over heads and blocks;
+- Z-Image (Lumina-family NextDiT): the same block of every main layer's joint attention (image queries × the
+  caption's own tokens, ``host.dit_attention.NextDiTConceptAttention``).
+Token positions come from the tokenizer (``core.prompt_tokens``): CLIP's stream on UNets, T5's on Flux (its text
+stream is the T5 encoding), Qwen3's on Z-Image (its caption is the chat-templated prompt, token for token;
+byte-level BPE, so each word is matched with and without its leading space). The capture runs only in the model calls
+of the recording steps (it forces those calls eager); the masks reach the engine through ``TokenRouter.set_maps``
+(in place, graph-safe). Drawn masks stay in force in every step; rows of category ``style`` and rows without a
+concept word act everywhere. A drawn user patch on the same attention sites (attn2 replace) is bypassed in
+recording calls. Nothing depends on a sampler node of the pack: the step comes from each call's σ in the run's own
+schedule (``sample_sigmas``), and every sampling run starts over (the plain stack, then masks of its own), so the
+patched MODEL of ``Regional LoRA (model patch)`` works under any sampler node and gives the same image on every
+run.
 """
 from __future__ import annotations
 
@@ -27,14 +31,14 @@ import torch
 import comfy.patcher_extension
 
 from ..core.auto_masks import AutoMaskPhases, concept_masks
-from ..core.prompt_tokens import concept_positions, token_rows
+from ..core.prompt_tokens import bpe_concept_positions, concept_positions, token_rows
 from ..core.regions import TEXT_ALL, RegionError, normalize_regions
 from ..core.routing import sample_sigmas_of_call, sigma_of_call, step_index
 from ..core.stack import LoraRow
 from ..host.attention_capture import ConceptAttention, capture_level, capture_size, cross_attention_levels, install_capture
-from ..host.dit_attention import DiTConceptAttention
+from ..host.dit_attention import DiTConceptAttention, NextDiTConceptAttention
 from ..host.engine import clone_with_engine
-from ..host.token_routing import model_family
+from ..host.token_routing import caption_multiple, model_family
 from .regional import regional_engine
 
 MASKS_DRAWN = "connected masks"
@@ -77,14 +81,34 @@ def _tokenizer_stream(clip, family: str, node: str):
     return t5, -1, int(end if end is not None else T5_EOS)
 
 
+def _qwen_finder(clip, prompt: str, node: str):
+    """Word positions in Z-Image's caption: the prompt in Qwen3's chat template, as its text encoder sees it."""
+    def qwen(text, **kwargs):
+        tokens = clip.tokenize(text, **kwargs)
+        if not isinstance(tokens, dict) or "qwen3_4b" not in tokens:
+            raise RegionError(f"{node}: automatic masks on Z-Image / Lumina 2 read the prompt's Qwen3 tokens (Z-Image's "
+                              "text encoder); this clip gives "
+                              f"{sorted(tokens) if isinstance(tokens, dict) else type(tokens).__name__}. Connect the "
+                              "Z-Image text encoder (qwen_3_4b), or connect masks (Lumina 2's Gemma tokens are not read).")
+        return tokens["qwen3_4b"]
+    rows = qwen(prompt)
+    return lambda words: bpe_concept_positions(rows, lambda text: qwen(text, llama_template="{}"), prompt, words, node)
+
+
 def concept_columns(clip, prompt: str, rows: Sequence[LoraRow], chosen: Sequence[int], family: str, node: str
                     ) -> tuple[list[int], list[list[int]]]:
     """Token positions of the chosen rows' concept words in ``prompt`` (all of them, in order) and, per row, its
     columns in that list. A word absent from the prompt raises ConceptNotFoundError naming ``node``."""
-    tokenize, bos, eos = _tokenizer_stream(clip, family, node)
+    if family == "lumina":
+        find = _qwen_finder(clip, prompt, node)
+    else:
+        tokenize, bos, eos = _tokenizer_stream(clip, family, node)
+
+        def find(words):
+            return concept_positions(tokenize, prompt, words, bos, eos, node)
     positions, groups = [], []
     for i in chosen:
-        found = concept_positions(tokenize, prompt, rows[i].concept_words(), bos, eos, node)
+        found = find(rows[i].concept_words())
         mine = sorted({p for ps in found.values() for p in ps})
         groups.append(list(range(len(positions), len(positions) + len(mine))))
         positions += mine
@@ -98,9 +122,12 @@ def check_family(diffusion_model, node: str) -> str:
         return family
     if family == "flux" and getattr(diffusion_model, "double_blocks", None):
         return family
+    if family == "lumina" and getattr(diffusion_model, "layers", None) and getattr(diffusion_model, "cap_embedder", None):
+        return family
     raise RegionError(f"{node}: automatic masks need a text-to-image attention this pack reads (UNet cross-attention "
-                      f"of SD1.x/SDXL, the double blocks of Flux); {type(diffusion_model).__name__} models have "
-                      "none. Connect masks instead, or set mask_from to 'connected masks'.")
+                      f"of SD1.x/SDXL, the double blocks of Flux, the joint layers of Z-Image); "
+                      f"{type(diffusion_model).__name__} models have none. Connect masks instead, or set mask_from to "
+                      "'connected masks'.")
 
 
 class AutoRegions:
@@ -124,8 +151,13 @@ class AutoRegions:
         self.record.steps = []
         self._applied, self._step = None, None
         self._unet = None
-        self._dit = DiTConceptAttention(self.positions, self.node)
+        self._dit = self._new_dit()
         self.updates = 0
+
+    def _new_dit(self) -> DiTConceptAttention:
+        if self.family == "lumina":
+            return NextDiTConceptAttention(self.positions, caption_multiple(self.model), self.node)
+        return DiTConceptAttention(self.positions, self.node)
 
     def install(self, patcher) -> None:
         patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, self._outer)
@@ -155,7 +187,7 @@ class AutoRegions:
 
     @contextlib.contextmanager
     def _recording(self, transformer_options, chunks, latent):
-        if self.family == "flux":
+        if self.family in ("flux", "lumina"):
             with self._dit.recording(self.model, chunks, latent):
                 yield transformer_options
             return
@@ -167,7 +199,7 @@ class AutoRegions:
         yield options
 
     def _maps(self) -> torch.Tensor | None:
-        if self.family == "flux":
+        if self.family in ("flux", "lumina"):
             return self._dit.averaged()
         return None if self._unet is None else self._unet.averaged(0)
 
@@ -177,7 +209,7 @@ class AutoRegions:
             return
         self._applied = point
         maps = self._maps()
-        self._unet, self._dit = None, DiTConceptAttention(self.positions, self.node)
+        self._unet, self._dit = None, self._new_dit()
         if maps is None:
             return  # nothing recorded (no conditional call): the previous masks stay
         found = concept_masks(maps, self.groups, self.threshold, latent)

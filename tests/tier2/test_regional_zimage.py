@@ -10,12 +10,21 @@ of each layer must equal one merged reference (LoRA a or b alone), text tokens b
 both at half strength (their rule: each LoRA by its share of the image). LoRA files use the diffusers names Z-Image
 trainers write (``diffusion_model.layers.0.attention.to_q``: slices of the fused qkv), which ComfyUI 0.3.75 and 0.33
 both map. Tolerances as in test_regional (1e-4, float32 reassociation; a LoRA moves outputs by > 1e-2).
+
+Automatic masks: the concept attention is recomputed by the test from each main layer's own tensors (its qkv output
+after the engine's LoRA hook, the ``q_norm`` / ``k_norm`` modules, ComfyUI's ``apply_rope``, the block's freqs_cis):
+the full softmax over the joint sequence's keys, restricted to image queries × caption keys and renormalised.
+Concept tokens come from ComfyUI's real Z-Image tokenizer (Qwen3, chat template).
 """
 import logging
+import types
 
 import pytest
 import torch
 
+import comfy.ldm.flux.math
+import comfy.patcher_extension
+import comfy.sample
 import comfy.sd
 import comfy.utils
 import folder_paths
@@ -248,3 +257,136 @@ def test_sampler_node_with_a_white_mask_equals_loraloader_ksampler(comfy_state, 
                          mask_1=halves()[0], mask_2=halves()[1]).result[0]["samples"]
     assert (split - want).abs().max() > 1e-2  # the regions change the image
     assert patcher.wrappers == {} and torch.count_nonzero(latent["samples"]) == 0
+
+
+# --- automatic masks (mask_from "concept attention") ------------------------------------------------------
+PROMPT = "a cat and a dog"
+
+
+class ZImageTokens:
+    """A text-encoder stand-in with ComfyUI's real Z-Image tokenizer: only tokenize is needed."""
+
+    def __init__(self):
+        import comfy.text_encoders.z_image
+        self.tokenizer = comfy.text_encoders.z_image.ZImageTokenizer()
+
+    def tokenize(self, text, return_word_ids=False, **kwargs):
+        return self.tokenizer.tokenize_with_weights(text, return_word_ids, **kwargs)
+
+
+class JointAttentionRecorder:
+    """Per step, the reference concept attention [rows, N, C] of the conditional chunk, mean over heads, per layer."""
+
+    def __init__(self, positions, text, grid):
+        self.positions, self.text, self.grid = positions, text, grid
+        self.per_step: dict[int, list[torch.Tensor]] = {}
+        self.step, self.chunks = 0, [0]
+
+    def apply_model(self, executor, x, t, *args, **kwargs):
+        options = args[3] if len(args) > 3 else kwargs.get("transformer_options", {})
+        schedule = [float(s) for s in options["sample_sigmas"]]
+        sigma = float(options["sigmas"].flatten()[0])
+        self.step = max(j for j, s in enumerate(schedule[:-1]) if s >= sigma * (1 - 1e-5) - 1e-12)
+        self.chunks = [int(c) for c in options.get("cond_or_uncond") or [0]]
+        handles = self.hooks(executor.class_obj.diffusion_model)  # after the engine's: qkv with the LoRAs applied
+        try:
+            return executor(x, t, *args, **kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+
+    def hooks(self, diffusion_model):
+        handles = []
+        for layer in diffusion_model.layers:
+            state = {}
+            attn = layer.attention
+            handles.append(attn.register_forward_pre_hook(
+                lambda m, a, kw, s=state: s.__setitem__("pe", kw.get("freqs_cis", a[2] if len(a) > 2 else None)),
+                with_kwargs=True))
+            handles.append(attn.qkv.register_forward_hook(lambda m, a, out, s=state, at=attn: self.add(at, out, s["pe"])))
+        return handles
+
+    def add(self, attn, qkv, pe):
+        b, length, _ = qkv.shape
+        heads, kv, d = attn.n_local_heads, attn.n_local_kv_heads, attn.head_dim
+        xq, xk, _ = torch.split(qkv, [heads * d, kv * d, kv * d], dim=-1)
+        xq, xk = attn.q_norm(xq.view(b, length, heads, d)), attn.k_norm(xk.view(b, length, kv, d))
+        xq, xk = comfy.ldm.flux.math.apply_rope(xq, xk, pe)
+        xk = xk.unsqueeze(3).repeat(1, 1, 1, heads // kv, 1).flatten(2, 3)
+        q, k = xq.float().movedim(1, 2), xk.float().movedim(1, 2)
+        full = torch.softmax(q @ k.transpose(-1, -2) / d ** 0.5, dim=-1)  # [B, heads, L, L]: the model's softmax
+        start, n = self.text + (-self.text) % 32, self.grid[0] * self.grid[1]
+        block = full[:, :, start:start + n, :self.text]
+        probs = (block / block.sum(-1, keepdim=True)).mean(1)
+        rows = b // len(self.chunks)
+        keep = [probs[c * rows:(c + 1) * rows] for c, i in enumerate(self.chunks) if i == 0]
+        if keep:
+            self.per_step.setdefault(self.step, []).append(torch.stack(keep).mean(0)[..., self.positions])
+
+    def maps(self, steps):
+        found = torch.stack([m for s in steps for m in self.per_step[s]]).mean(0)
+        return found.transpose(1, 2).reshape(found.shape[0], found.shape[2], *self.grid)
+
+
+def auto_rows(ml, names, concepts=("cat", "dog")):
+    return [ml("core.stack").LoraRow(name=n, strength_model=1.0, concept=c) for n, c in zip(names, concepts)]
+
+
+def test_zimage_capture_equals_the_full_joint_softmax(ml, patcher):
+    """One call of batch 2 (cond, uncond) on the padded 16 × 12 latent: NextDiTConceptAttention (caption-only
+    softmax, q/k normed and rotated by the pack) equals the full joint softmax of every main layer restricted to
+    image queries × caption keys (tolerance: float32 softmax of the same logits in two groupings)."""
+    x, sigma, cond = inputs(batch=2, seed=4)
+    positions = [2, 5, 6]
+    capture = ml("host.dit_attention").NextDiTConceptAttention(positions, 32)
+    recorder = JointAttentionRecorder(positions, tiny_models.ZIMAGE_TEXT_TOKENS, (H // 2, W // 2))
+    recorder.chunks = [0, 1]
+    handles = recorder.hooks(patcher.model.diffusion_model)
+    try:
+        with capture.recording(patcher.model.diffusion_model, [0, 1], (H, W)), torch.no_grad():
+            patcher.model.apply_model(x, sigma, transformer_options={"cond_or_uncond": [0, 1]}, **cond)
+    finally:
+        for h in handles:
+            h.remove()
+    got = capture.averaged()
+    assert got.shape == (1, 3, H // 2, W // 2)
+    torch.testing.assert_close(got, recorder.maps([0]), atol=1e-6, rtol=1e-5)
+    assert float(got.std()) > 1e-3  # image tokens attend differently: the comparison is not of constants
+
+
+def test_auto_masks_on_zimage_are_the_rule_applied_to_the_concepts_attention(comfy_state, ml, patcher, names):
+    """auto_steps 2 on the padded latent: steps 0–1 record (every LoRA everywhere), step 2 sets the masks that
+    core.auto_masks and the region rule give for the reference attention of steps 0–1; the concept tokens are
+    the Qwen3 tokens ' cat' and ' dog' of the chat-templated prompt."""
+    rows = auto_rows(ml, names)
+    positive = tiny_models.make_conditioning("zimage", seed=1)
+    negative = tiny_models.make_conditioning("zimage", seed=2)
+    auto_mod = ml("methods.regional_auto")
+    clone, auto = auto_mod.auto_regional_model(patcher, rows, [], "test", ZImageTokens(), PROMPT,
+                                               ml("core.auto_masks").AutoMaskPhases(2, 0), 0.4, positive=positive)
+    assert auto.positions == [4, 7] and auto.groups == [[0], [1]]  # <|im_start|> user \n a ' cat' ' and' ' a' ' dog'
+    recorder = JointAttentionRecorder(auto.positions, tiny_models.ZIMAGE_TEXT_TOKENS, (H // 2, W // 2))
+    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test.recorder", recorder.apply_model)
+    latent = torch.zeros(1, 16, H, W)
+    comfy.sample.sample(clone, comfy.sample.prepare_noise(latent, 3), 3, 4.0, "euler", "simple", positive, negative,
+                        latent, disable_pbar=True, seed=3)
+    steps = auto.record.steps
+    assert len(steps) == 3 and all(torch.equal(m, torch.ones_like(m)) for s in steps[:2] for m in s)
+    masks = ml("core.auto_masks").concept_masks(recorder.maps([0, 1]), auto.groups, auto.threshold, (H, W))
+    want = ml("core.regions").normalize_regions([masks[:, 0], masks[:, 1]], (H, W), "test").maps
+    assert 0 < float(want[0, 0].sum()) < H * W and 0 < float(want[0, 1].sum()) < H * W  # real regions
+    torch.testing.assert_close(torch.cat(steps[2]), want[0], atol=0, rtol=0)
+
+
+def test_auto_mask_errors_on_zimage_name_node_input_and_fix(ml, patcher, names):
+    auto_mod = ml("methods.regional_auto")
+    phases = ml("core.auto_masks").AutoMaskPhases(2, 0)
+    with pytest.raises(ml("core.errors").ConceptNotFoundError,
+                       match=r"^test: concept word 'horse' is not in the prompt 'a cat and a dog'\. Use a word"):
+        auto_mod.auto_regional_model(patcher, auto_rows(ml, names, ("cat", "horse")), [], "test", ZImageTokens(),
+                                     PROMPT, phases)
+    clip_l = types.SimpleNamespace(tokenize=lambda text, **kwargs: {"l": [[(49406, 1.0), (49407, 1.0)]]})
+    with pytest.raises(ml("core.regions").RegionError,
+                       match=r"^test: automatic masks on Z-Image / Lumina 2 read the prompt's Qwen3 tokens .*gives "
+                             r"\['l'\]\. Connect the Z-Image text encoder \(qwen_3_4b\), or connect masks"):
+        auto_mod.auto_regional_model(patcher, auto_rows(ml, names), [], "test", clip_l, PROMPT, phases)
