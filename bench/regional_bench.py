@@ -84,6 +84,9 @@ def tokenizer_clip(kind: str) -> TokenizerOnly:
     if kind == "flux":
         from comfy.text_encoders.flux import FluxTokenizer
         return TokenizerOnly(FluxTokenizer(embedding_directory=None, tokenizer_data={}))
+    if kind == "zimage":
+        from comfy.text_encoders.z_image import ZImageTokenizer
+        return TokenizerOnly(ZImageTokenizer(embedding_directory=None, tokenizer_data={}))
     if kind == "sdxl":
         from comfy.sdxl_clip import SDXLTokenizer
         return TokenizerOnly(SDXLTokenizer(embedding_directory=None, tokenizer_data={}))
