@@ -19,8 +19,9 @@ MASKS = 4
 MASK_TIP = ("Where enabled row {i} of the stack acts (white = full strength). Any size: it is resized to the latent. "
             "Leave it unconnected to apply that row everywhere (a style, a background).")
 FEATHER_TIP = ("Softens each mask's edge by a Gaussian blur of this many latent pixels (1 latent pixel = 8 image "
-               "pixels on SD/SDXL/Flux) before regions are normalised. 0 = hard edges.")
-TEXT_TIP = ("What the LoRAs do to the prompt's tokens (cross-attention keys/values on UNets, the text stream of Flux), "
+               "pixels on SD/SDXL/Flux/Z-Image) before regions are normalised. 0 = hard edges.")
+TEXT_TIP = ("What the LoRAs do to the prompt's tokens (cross-attention keys/values on UNets, the text stream of Flux, "
+            "the caption of Z-Image), "
             "which have no place in the image: 'every LoRA' (default) lets each LoRA read the whole prompt as it "
             "would alone; 'no LoRA' keeps the regional rows off the text (rows without a mask still act there).")
 MASK_FROM_TIP = ("Where rows without a mask act: 'connected masks' (default) = everywhere; 'concept attention' = a "
@@ -28,7 +29,8 @@ MASK_FROM_TIP = ("Where rows without a mask act: 'connected masks' (default) = e
                  "and rows without a concept word still act everywhere; connected masks still apply). Needs clip "
                  "and prompt.")
 CLIP_TIP = ("The text encoder of the positive prompt; with mask_from 'concept attention' it finds the concept words' "
-            "tokens in 'prompt' (CLIP tokens on SD1.x/SDXL, T5 tokens on Flux). Nothing is encoded.")
+            "tokens in 'prompt' (CLIP tokens on SD1.x/SDXL, T5 tokens on Flux, Qwen3 tokens on Z-Image). Nothing is "
+            "encoded.")
 PROMPT_TIP = ("The positive prompt's text, exactly as encoded into 'positive'; every concept word of an automatic row "
               "must appear in it.")
 AUTO_STEPS_TIP = ("Steps at the start during which the automatic rows act everywhere (the plain stack) while their "
@@ -43,7 +45,8 @@ PATCH_MASK_FROM_TIP = (MASK_FROM_TIP + " Here the masks are found anew in every 
                       "MODEL cannot carry them out.")
 DESCRIPTION = ("Regional LoRA: each LoRA of the stack acts only inside its mask, all in one model call per step "
                "(about the cost of one merged LoRA). Overlapping masks share their pixels; where no mask covers "
-               "the image only the rows without a mask act. Works on SD1.x, SDXL and Flux-family models.")
+               "the image only the rows without a mask act. Works on SD1.x, SDXL, Flux-family and Z-Image / Lumina 2 "
+               "models.")
 log = logging.getLogger("multilora")
 
 
