@@ -15,8 +15,8 @@
     the fly per chunk), ``engine`` (building it from stack rows), ``cuda_graphs`` (graph replay),
     ``attention_capture`` (cross-attention maps of concept tokens), ``feature_cache`` (CMLoRA's cached
     UNet features), ``ksampler`` (a KSampler call with a given guider/model), ``token_routing`` (which
-    tokens of each layer are image, text or both, for regional LoRA), ``dit_attention`` (a Flux DiT's
-    text-to-image attention of concept tokens).
+    tokens of each layer are image, text or both, for regional LoRA), ``dit_attention`` (a Flux or
+    Z-Image DiT's text-to-image attention of concept tokens).
 ``methods/`` — the composition methods, built on the two layers above:
     ``merge`` (ComfyUI's own merged LoRAs, the baseline), ``switch_composite`` (LoRA Switch and LoRA
     Composite), ``cmlora`` (CMLoRA), ``clora`` (CLoRA's guider and entry point), ``clora_settings`` (its
