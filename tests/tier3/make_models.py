@@ -1,9 +1,11 @@
-"""Write the model files the example workflows name, for the tiny real-format SD1.5 checkpoint.
+"""Write the model files the example workflows name, for the tiny real-format SD1.5 checkpoint and Flux.1-dev.
 
 Usage: ``python tests/tier3/make_models.py MODELS_DIR``. Writes ``MODELS_DIR/checkpoints/<the workflows'
 checkpoint name>`` (the tiny checkpoint of ``support.tiny_checkpoint``, ~540 MB) and the demo LoRAs in
-``MODELS_DIR/loras/``. Existing files are kept, so a cache folder is filled once. Runs in its own process:
-it boots ComfyUI headless, which the browser tier's pytest process does not need.
+``MODELS_DIR/loras/``, and the Flux workflow's files (``support.tiny_flux_files``, the DiT 3072 wide so that
+0.3.75 and 0.33.0 both detect it, ~1.5 GB) in ``diffusion_models/``, ``text_encoders/``, ``vae/`` and
+``loras/``. Existing files are kept, so a cache folder is filled once. Runs in its own process: it boots
+ComfyUI headless, which the browser tier's pytest process does not need.
 """
 from __future__ import annotations
 
@@ -22,9 +24,14 @@ from support.pack_loader import REPO_ROOT  # noqa: E402
 CHECKPOINT_NAME = "v1-5-pruned-emaonly.safetensors"
 """The checkpoint every workflow in example_workflows/ loads (see example_workflows/README.md)."""
 MODELS_CACHE = os.path.join(REPO_ROOT, ".cache", "tier3-models")
-"""Where the browser tier keeps these files (git-ignored); written once, ~40 s and ~550 MB."""
+"""Where the browser tier keeps these files (git-ignored); written once, ~1 min and ~2 GB."""
 MODEL_FILES = (f"checkpoints/{CHECKPOINT_NAME}", "loras/demo_character.safetensors",
-               "loras/demo_style.safetensors", "loras/demo_background.safetensors")
+               "loras/demo_style.safetensors", "loras/demo_background.safetensors",
+               "diffusion_models/flux1-dev.safetensors", "text_encoders/clip_l.safetensors",
+               "text_encoders/t5xxl_fp16.safetensors", "vae/ae.safetensors", "loras/demo_flux_knight.safetensors",
+               "loras/demo_flux_dragon.safetensors", "loras/demo_flux_style.safetensors")
+FLUX_WIDTH = 3072
+"""The tiny Flux DiT's width here: the one both ComfyUI versions detect (the cache serves both)."""
 
 
 def workflow_checkpoints() -> list[str]:
@@ -55,6 +62,7 @@ def ensure_models(models_dir: str = MODELS_CACHE) -> str:
 def main(models_dir: str) -> int:
     boot()
     from support.tiny_checkpoint import ensure_demo_loras, write_tiny_sd15_checkpoint
+    from support.tiny_flux_files import write_flux_files
 
     checkpoints = os.path.join(models_dir, "checkpoints")
     loras = os.path.join(models_dir, "loras")
@@ -63,6 +71,7 @@ def main(models_dir: str) -> int:
     if not os.path.exists(checkpoint):
         write_tiny_sd15_checkpoint(checkpoint, seed=0)
     ensure_demo_loras(loras, checkpoint)
+    write_flux_files(models_dir, width=FLUX_WIDTH, lora_dir=loras, keep=True)
     return 0
 
 

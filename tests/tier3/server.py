@@ -26,6 +26,10 @@ from support.pack_loader import REPO_ROOT
 PACK_DIR_NAME = "multilora-composition"
 """Folder name of the pack under custom_nodes/ (what `comfy node install` and the README's git clone use);
 ComfyUI lists the pack's example workflows under this name in the template browser."""
+TINY_T5_NODE = "multilora-test-tiny-t5"
+"""Folder name of the test-only custom node ``tests/tier3/tiny_t5_node`` (the Flux workflow's tiny T5)."""
+MODEL_FOLDERS = ("checkpoints", "loras", "diffusion_models", "text_encoders", "vae")
+"""The model folders the example workflows load from (the Flux workflow: the last three)."""
 
 SETTINGS = {
     # A new user gets the template browser on top of the canvas at the first load; the tests open it themselves.
@@ -67,7 +71,9 @@ class ComfyServer:
         for sub in ("custom_nodes", "input", "output", "temp", "user/default", "models"):
             os.makedirs(os.path.join(self.base, sub), exist_ok=True)
         os.symlink(REPO_ROOT, os.path.join(self.base, "custom_nodes", PACK_DIR_NAME))
-        for folder in ("checkpoints", "loras"):
+        os.symlink(os.path.join(REPO_ROOT, "tests", "tier3", "tiny_t5_node"),
+                   os.path.join(self.base, "custom_nodes", TINY_T5_NODE))
+        for folder in MODEL_FOLDERS:
             os.symlink(os.path.join(self.models_dir, folder), os.path.join(self.base, "models", folder))
         with open(os.path.join(self.base, "user", "default", "comfy.settings.json"), "w", encoding="utf-8") as f:
             json.dump(SETTINGS, f)
@@ -79,8 +85,8 @@ class ComfyServer:
             sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
             "--base-directory", self.base, "--database-url", f"sqlite:///{self.base}/user/comfyui.db",
             "--disable-auto-launch", "--disable-api-nodes",
-            # Only this pack: ComfyUI's own tree may hold other example nodes.
-            "--disable-all-custom-nodes", "--whitelist-custom-nodes", PACK_DIR_NAME,
+            # Only this pack (and the tests' tiny-T5 loader): ComfyUI's own tree may hold other example nodes.
+            "--disable-all-custom-nodes", "--whitelist-custom-nodes", PACK_DIR_NAME, TINY_T5_NODE,
         ]
         env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", PYTHONUNBUFFERED="1")
         self._log = open(self.log_path, "w", encoding="utf-8")

@@ -34,6 +34,7 @@ APP_READY = ("() => window.app?.graph && window.app.canvas && document.querySele
 
 SCALED_DOWN = {
     "EmptyLatentImage": {"width": 64, "height": 64, "batch_size": 1},
+    "EmptySD3LatentImage": {"width": 64, "height": 64, "batch_size": 1},
     "*": {"steps": 4, "refine_iters": 2, "switch_every": 1},
 }
 """Widget values set before queueing a workflow on the CPU: 64x64 latent, 4 steps, CLoRA with 2 refinement
