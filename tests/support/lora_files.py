@@ -71,6 +71,7 @@ FORMATS_BY_KIND: dict[str, tuple[str, ...]] = {
     "sdxl": LORA_FORMATS,
     "flux": ("kohya", "diffusers", "loha", "lokr", "dora", "full_diff"),
     "zimage": ("kohya", "diffusers"),
+    "lumina2": ("kohya",),  # ComfyUI's diffusers map slices qkv as if key/value heads were as many as query heads
 }
 """Which formats ``write_lora`` supports for each tiny model family."""
 EXPECTED_ADAPTER: dict[str, str] = {
@@ -168,11 +169,11 @@ def _parse_groups(targets: str) -> set[str]:
 
 
 def _kind_of(model: Any) -> str:
-    """Family of a ComfyUI model object: sd15 / sdxl / flux / zimage."""
+    """Family of a ComfyUI model object: sd15 / sdxl / flux / zimage / lumina2."""
     if isinstance(model, comfy.model_base.Flux):
         return "flux"
     if isinstance(model, comfy.model_base.Lumina2):
-        return "zimage"
+        return "zimage" if model.model_config.unet_config.get("z_image_modulation") else "lumina2"
     if isinstance(model, comfy.model_base.SDXL):
         return "sdxl"
     if isinstance(model, comfy.model_base.BaseModel) and "num_res_blocks" in model.model_config.unet_config:
@@ -277,8 +278,9 @@ def _flux_targets(model: Any, groups: set[str], fmt: str) -> list[LayerTarget]:
 
 
 def _zimage_targets(model: Any, groups: set[str], fmt: str) -> list[LayerTarget]:
-    """Targets of a Z-Image NextDiT: diffusers names (fused qkv as q/k/v slices) or generic kohya names."""
+    """Targets of a Z-Image / Lumina 2 NextDiT: diffusers names (fused qkv as q/k/v slices) or generic kohya names."""
     cfg = model.model_config.unet_config
+    modulation = "adaLN_modulation.0" if cfg.get("z_image_modulation") else "adaLN_modulation.1"
     hidden, refiners = int(cfg["dim"]), int(cfg.get("n_refiner_layers", 2))
     blocks = [(f"layers.{i}", True) for i in range(int(cfg["n_layers"]))]
     blocks += [(f"noise_refiner.{i}", True) for i in range(refiners)]
@@ -294,7 +296,7 @@ def _zimage_targets(model: Any, groups: set[str], fmt: str) -> list[LayerTarget]
                        (f"{block}.attention.out", f"{block}.attention.out", "attn", None)]
         layers += [(f"{block}.feed_forward.{w}", f"{block}.feed_forward.{w}", "ff", None) for w in ("w1", "w2", "w3")]
         if modulated:
-            layers.append((f"{block}.adaLN_modulation.0", f"{block}.adaLN_modulation.0", "mod", None))
+            layers.append((f"{block}.{modulation}", f"{block}.{modulation}", "mod", None))
     final = "all_final_layer.2-1" if fmt == "diffusers" else "final_layer"
     layers += [("all_x_embedder.2-1" if fmt == "diffusers" else "x_embedder", "x_embedder", "proj", None),
                ("cap_embedder.1", "cap_embedder.1", "proj", None),
@@ -510,7 +512,7 @@ def build_lora(patcher: comfy.model_patcher.ModelPatcher, fmt: str = "kohya", se
         raise ValueError(f"format {fmt!r} is not supported for {kind}")
     if kind == "flux":
         layer_targets = _flux_targets(model, groups, fmt)
-    elif kind == "zimage":
+    elif kind in ("zimage", "lumina2"):
         layer_targets = _zimage_targets(model, groups, fmt)
     else:
         layer_targets = _unet_targets(model, groups, fmt, naming)

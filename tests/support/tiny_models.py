@@ -1,4 +1,4 @@
-"""Tiny but real ComfyUI models (SD1.5, SDXL, Flux, Z-Image UNets/DiTs and an SD1.5 CLIP) for CPU tests.
+"""Tiny but real ComfyUI models (SD1.5, SDXL, Flux, Z-Image, Lumina 2 UNets/DiTs and an SD1.5 CLIP) for CPU tests.
 
 ComfyUI must already be booted headless (``--cpu``) before this module is imported, because it
 imports ``comfy`` at module level.
@@ -18,7 +18,8 @@ Direct forward pass (``patcher.model.apply_model``; the model returns the denois
 * flux: ``apply_model(x[B,16,H,W], sigma[B], c_crossattn=ctx[B,T,FLUX_CONTEXT_DIM],
   y=vec[B,FLUX_VEC_IN_DIM], guidance=g[B])`` with H and W even (patch size 2), sigma in (0, 1].
 * zimage: ``apply_model(x[B,16,H,W], sigma[B], c_crossattn=cap[B,T,ZIMAGE_CAP_DIM], num_tokens=T)`` (ComfyUI's
-  ``Lumina2`` model class around a ``NextDiT`` with Z-Image's modulation and its caption / image pad tokens).
+  ``Lumina2`` model class around a ``NextDiT`` with Z-Image's modulation and its caption / image pad tokens);
+  lumina2: the same call on Lumina Image 2.0's layout (grouped-query attention, no pad tokens).
 
 ``make_inputs(kind)`` builds exactly these arguments and ``forward`` runs them.  The weights are only
 patched (LoRA merged) while the patcher is loaded: use ``patched(patcher)`` or
@@ -49,8 +50,8 @@ import comfy.sd1_clip
 import comfy.supported_models
 import comfy.supported_models_base
 
-ModelKind = Literal["sd15", "sdxl", "flux", "zimage"]
-MODEL_KINDS: tuple[ModelKind, ...] = ("sd15", "sdxl", "flux", "zimage")
+ModelKind = Literal["sd15", "sdxl", "flux", "zimage", "lumina2"]
+MODEL_KINDS: tuple[ModelKind, ...] = ("sd15", "sdxl", "flux", "zimage", "lumina2")
 
 SD15_CONTEXT_DIM = 64
 """Cross-attention width of the tiny SD1.5 UNet (equals the tiny CLIP's hidden size)."""
@@ -73,7 +74,7 @@ ZIMAGE_PAD_MULTIPLE = 32
 CLIP_HIDDEN_SIZE = SD15_CONTEXT_DIM
 TEXT_TOKENS = 77
 LATENT_SIZE = 8
-LATENT_CHANNELS: dict[str, int] = {"sd15": 4, "sdxl": 4, "flux": 16, "zimage": 16}
+LATENT_CHANNELS: dict[str, int] = {"sd15": 4, "sdxl": 4, "flux": 16, "zimage": 16, "lumina2": 16}
 
 
 def flux_version_params() -> dict[str, Any]:
@@ -121,6 +122,14 @@ def tiny_unet_config(kind: ModelKind) -> dict[str, Any]:
             "n_kv_heads": 2, "multiple_of": 32, "axes_dims": [32, 48, 48], "axes_lens": [1536, 512, 512],
             "rope_theta": 256.0, "ffn_dim_multiplier": 8.0 / 3.0, "z_image_modulation": True, "time_scale": 1000.0,
             "pad_tokens_multiple": ZIMAGE_PAD_MULTIPLE,
+        }
+    if kind == "lumina2":
+        # The dim 2304 branch (Lumina Image 2.0), shrunk: grouped-query attention (4 query heads, 2 key/value
+        # heads), no pad tokens, Lumina's modulation (timestep embedding as wide as the model).
+        return {
+            "image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 64, "cap_feat_dim": ZIMAGE_CAP_DIM,
+            "n_layers": 2, "n_refiner_layers": 1, "qk_norm": True, "n_heads": 4, "n_kv_heads": 2, "multiple_of": 32,
+            "axes_dims": [4, 6, 6], "axes_lens": [300, 512, 512], "rope_theta": 10000.0, "ffn_dim_multiplier": 4.0,
         }
     raise ValueError(f"unknown model kind {kind!r}")
 
@@ -199,10 +208,16 @@ def build_tiny_zimage(seed: int = 0) -> comfy.model_patcher.ModelPatcher:
     return _patcher_for(config, seed)
 
 
+def build_tiny_lumina2(seed: int = 0) -> comfy.model_patcher.ModelPatcher:
+    """Tiny Lumina Image 2.0 DiT (``comfy.supported_models.Lumina2``, the same ``NextDiT``): width 64, 4 query and
+    2 key/value heads, 2 joint layers, 1 noise / 1 context refiner, no pad tokens."""
+    return _patcher_for(comfy.supported_models.Lumina2(tiny_unet_config("lumina2")), seed)
+
+
 def build_tiny(kind: ModelKind, seed: int = 0) -> comfy.model_patcher.ModelPatcher:
-    """Build the tiny model of ``kind`` ("sd15", "sdxl", "flux" or "zimage")."""
+    """Build the tiny model of ``kind`` ("sd15", "sdxl", "flux", "zimage" or "lumina2")."""
     builders = {"sd15": build_tiny_sd15, "sdxl": build_tiny_sdxl, "flux": build_tiny_flux,
-                "zimage": build_tiny_zimage}
+                "zimage": build_tiny_zimage, "lumina2": build_tiny_lumina2}
     if kind not in builders:
         raise ValueError(f"unknown model kind {kind!r}")
     return builders[kind](seed)
@@ -214,7 +229,7 @@ def model_kind(patcher: comfy.model_patcher.ModelPatcher) -> ModelKind:
     if isinstance(model, comfy.model_base.Flux):
         return "flux"
     if isinstance(model, comfy.model_base.Lumina2):
-        return "zimage"
+        return "zimage" if model.model_config.unet_config.get("z_image_modulation") else "lumina2"
     if isinstance(model, comfy.model_base.SDXL):
         return "sdxl"
     return "sd15"
@@ -243,9 +258,9 @@ def make_inputs(kind: ModelKind, batch: int = 1, seed: int = 0,
         ctx = torch.randn((batch, FLUX_TEXT_TOKENS, FLUX_CONTEXT_DIM), generator=gen)
         y = torch.randn((batch, FLUX_VEC_IN_DIM), generator=gen)
         return x, torch.full((batch,), 0.5), {"c_crossattn": ctx, "y": y, "guidance": torch.full((batch,), 3.5)}
-    if kind == "zimage":
+    if kind in ("zimage", "lumina2"):
         if size % 2:
-            raise ValueError("zimage latents need an even size (patch size 2)")
+            raise ValueError(f"{kind} latents need an even size (patch size 2)")
         ctx = torch.randn((batch, ZIMAGE_TEXT_TOKENS, ZIMAGE_CAP_DIM), generator=gen)
         return x, torch.full((batch,), 0.5), {"c_crossattn": ctx, "num_tokens": ZIMAGE_TEXT_TOKENS}
     raise ValueError(f"unknown model kind {kind!r}")
@@ -285,7 +300,7 @@ def make_conditioning(kind: ModelKind, batch: int = 1, seed: int = 0) -> list[li
         cross = torch.randn((batch, FLUX_TEXT_TOKENS, FLUX_CONTEXT_DIM), generator=gen)
         pooled = torch.randn((batch, FLUX_VEC_IN_DIM), generator=gen)
         return [[cross, {"pooled_output": pooled, "guidance": 3.5}]]
-    if kind == "zimage":
+    if kind in ("zimage", "lumina2"):
         return [[torch.randn((batch, ZIMAGE_TEXT_TOKENS, ZIMAGE_CAP_DIM), generator=gen), {}]]
     raise ValueError(f"unknown model kind {kind!r}")
 

@@ -173,6 +173,8 @@ def test_tiny_model_builds_fast_deterministic_and_runs(kind: str) -> None:
     if kind == "flux":
         assert "transformer.transformer_blocks.0.attn.to_q" in key_map
         assert "diffusion_model.single_blocks.0.linear1_qkv" in key_map
+    elif kind == "lumina2":
+        assert "lora_unet_layers_0_attention_qkv" in key_map
     elif kind == "zimage":
         assert key_map["diffusion_model.layers.0.attention.to_k"] == (
             "diffusion_model.layers.0.attention.qkv.weight", (0, tiny_models.ZIMAGE_DIM, tiny_models.ZIMAGE_DIM))

@@ -9,7 +9,8 @@ Regions are the left and right halves (3 of the 6 patch columns each), exactly 0
 of each layer must equal one merged reference (LoRA a or b alone), text tokens both merged, and image pad tokens
 both at half strength (their rule: each LoRA by its share of the image). LoRA files use the diffusers names Z-Image
 trainers write (``diffusion_model.layers.0.attention.to_q``: slices of the fused qkv), which ComfyUI 0.3.75 and 0.33
-both map. Tolerances as in test_regional (1e-4, float32 reassociation; a LoRA moves outputs by > 1e-2).
+both map. Tolerances as in test_regional (1e-4, float32 reassociation; a LoRA moves outputs by > 1e-2). Lumina
+Image 2.0 runs the same code: no pad tokens, grouped-query attention, kohya LoRAs on the fused qkv.
 
 Automatic masks: the concept attention is recomputed by the test from each main layer's own tensors (its qkv output
 after the engine's LoRA hook, the ``q_norm`` / ``k_norm`` modules, ComfyUI's ``apply_rope``, the block's freqs_cis):
@@ -258,6 +259,51 @@ def test_sampler_node_with_a_white_mask_equals_loraloader_ksampler(comfy_state, 
     assert (split - want).abs().max() > 1e-2  # the regions change the image
     assert patcher.wrappers == {} and torch.count_nonzero(latent["samples"]) == 0
 
+
+def test_lumina2_same_code_no_pads_and_grouped_query_attention(comfy_state, ml):
+    """Lumina Image 2.0 (same NextDiT, no pad tokens, 2 key/value heads for 4 query heads), kohya LoRAs on the fused
+    qkv: an all-one mask equals ComfyUI's merge, and with halves each grid token of each layer gets its region's
+    LoRA, the caption (20 tokens, unpadded, first in the joint layers) both."""
+    lumina = tiny_models.build_tiny("lumina2", seed=0)
+    found = lora_files.write_lora_set(lumina, comfy_state["loras_dir"], "regional_lumina2", (1, 2), "kohya",
+                                      targets=TARGETS)
+    folder_paths.filename_list_cache.clear()
+    rows = rows_of(ml, found)
+    regional = ml("methods.regional")
+    x, sigma, cond = inputs(batch=2, seed=8)
+    white = regional.regional_model(lumina, rows, [torch.ones(4, 4), None], "test")
+    got = run_wrapped(white, engine_of(white, ml), lumina, x, sigma, cond)
+    with tiny_models.patched(merged(lumina, found, STRENGTHS)):
+        want = tiny_models.forward(lumina, x, sigma, **cond)
+    assert (want - tiny_models.forward(lumina, x, sigma, **cond)).abs().max() > 1e-2
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
+    split = regional.regional_model(lumina, rows, list(halves()), "test")
+    engine = engine_of(split, ml)
+    assert engine.token_router.text_multiple == 1
+    record = {}
+    run_wrapped(split, engine, lumina, x, sigma, cond, record=record)
+    ref = {key: layer_outputs(lumina, merged(lumina, n, s), record) for key, n, s in
+           (("a", found[:1], STRENGTHS[:1]), ("b", found[1:], STRENGTHS[1:]), ("ab", found, STRENGTHS))}
+    left = torch.zeros(H // 2, W // 2, dtype=torch.bool)
+    left[:, : W // 4] = True
+    left = left.flatten()
+    seen = set()
+    for path, (_, out) in record.items():
+        role = engine.token_router.roles[path]
+        if out.ndim == 2:
+            continue
+        if role == "text":
+            torch.testing.assert_close(out, ref["ab"][path], atol=ATOL, rtol=RTOL, msg=path)
+        else:
+            prefix = tiny_models.ZIMAGE_TEXT_TOKENS if role == "joint" else 0
+            assert out.shape[1] == prefix + left.numel(), path  # no pad tokens
+            grid = out[:, prefix:]
+            torch.testing.assert_close(out[:, :prefix], ref["ab"][path][:, :prefix], atol=ATOL, rtol=RTOL, msg=path)
+            torch.testing.assert_close(grid[:, left], ref["a"][path][:, prefix:][:, left], atol=ATOL, rtol=RTOL, msg=path)
+            torch.testing.assert_close(grid[:, ~left], ref["b"][path][:, prefix:][:, ~left], atol=ATOL, rtol=RTOL,
+                                       msg=path)
+        seen.add(role)
+    assert seen == {"text", "image", "joint"}
 
 # --- automatic masks (mask_from "concept attention") ------------------------------------------------------
 PROMPT = "a cat and a dog"
