@@ -85,7 +85,7 @@ def token_roles(diffusion_model: torch.nn.Module, paths, node: str) -> dict[str,
     for path in paths:
         if family == LUMINA:
             roles[path] = LUMINA_ROLES.get(path.split(".")[1] if path.count(".") else path, AUTO)
-        elif family == "unet":
+        elif family == UNET:
             roles[path] = TEXT if path.endswith(UNET_TEXT_LAYERS) else AUTO
         elif ".single_blocks." in path and path.rsplit(".", 1)[-1] in ("linear1", "linear2"):
             roles[path] = JOINT
