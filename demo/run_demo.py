@@ -31,10 +31,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 TESTBED = os.path.join(REPO, "testbed")
 
-METHODS = ("none", "merge", "onthefly", "switch", "composite", "cmlora", "clora")
-TESTBED_METHODS = ("none", "merge", "switch", "composite", "cmlora", "clora")  # on-the-fly = Merge, exactly
+METHODS = ("none", "merge", "onthefly", "switch", "composite", "cmlora", "clora", "regional", "regional_auto")
+# on-the-fly = Merge, exactly; the regional rows need the testbed's scene layout (masks) and concept words
+TESTBED_METHODS = ("none", "merge", "switch", "composite", "cmlora", "clora", "regional", "regional_auto")
+TESTBED_ONLY = ("regional", "regional_auto")
 LABELS = {"none": "no LoRA", "merge": "Merge", "onthefly": "on-the-fly stack", "switch": "LoRA Switch",
-          "composite": "LoRA Composite", "cmlora": "CMLoRA", "clora": "CLoRA"}
+          "composite": "LoRA Composite", "cmlora": "CMLoRA", "clora": "CLoRA", "regional": "Regional (masks)",
+          "regional_auto": "Regional (auto)"}
 CATEGORIES = ("character", "clothing", "style", "background", "object", "other")
 # The testbed's concept sets shown, by category (the testbed's prompts for each set; the first one of each).
 DEMO_SETS = (("character", "object"), ("character", "background"), ("character", "object", "style"))
@@ -77,11 +80,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     real.add_argument("--scheduler", default="normal")
     real.add_argument("--switch-every", type=int, default=5, help="LoRA Switch τ (default 5)")
     args = parser.parse_args(argv)
-    default_methods = METHODS if args.checkpoint else TESTBED_METHODS
+    default_methods = tuple(m for m in METHODS if m not in TESTBED_ONLY) if args.checkpoint else TESTBED_METHODS
     args.methods = [m.strip() for m in (args.methods or ",".join(default_methods)).split(",") if m.strip()]
     unknown = set(args.methods) - set(METHODS)
     if unknown:
         parser.error(f"unknown method(s) {sorted(unknown)}; choose from {', '.join(METHODS)}")
+    if args.checkpoint and set(args.methods) & set(TESTBED_ONLY):
+        parser.error(f"{', '.join(sorted(set(args.methods) & set(TESTBED_ONLY)))} run on the testbed only (their masks "
+                     "come from its scene layout); on your own models use the Regional LoRA nodes")
     if args.lora and not args.checkpoint:
         parser.error("--lora needs --checkpoint (the default runs the testbed's own LoRAs)")
     for name in ("strength", "category", "concept"):
@@ -158,8 +164,10 @@ def testbed_demo(args: argparse.Namespace) -> tuple[list[Column], dict[str, list
             out, _ = clora.clora_sample(model, clip, caption, "", rows, args.seed, args.steps, "euler", "normal",
                                         latent, 1.0, settings)
             return out["samples"]
-        # CMLoRA's cache: None = the node's 'auto' (off on this SD1.5-architecture UNet).
-        return eval_core.sample(ml, "base" if method == "none" else method, model, clip, rows, caption, args.seed,
+        # CMLoRA's cache: None = the node's 'auto' (off on this SD1.5-architecture UNet). Regional with masks:
+        # each LoRA's region drawn from the scene layout (world.region_masks), as a user would paint it.
+        name = {"none": "base", "regional": "regional_oracle"}.get(method, method)
+        return eval_core.sample(ml, name, model, clip, rows, caption, args.seed,
                                 seeds=1, steps=args.steps, cache=None)
 
     tiles: dict[str, list[Tile]] = {}
