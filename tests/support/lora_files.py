@@ -624,3 +624,19 @@ def write_lora_set(model, folder: str, prefix: str, seeds, fmt: str = "kohya",
         write_lora(model, os.path.join(folder, name), fmt, seed=seed, clip=clip, targets=targets)
         names.append(name)
     return names
+
+
+def merged_by_comfy(patcher: comfy.model_patcher.ModelPatcher, names, strengths) -> comfy.model_patcher.ModelPatcher:
+    """A clone of ``patcher`` with the ``loras``-folder files ``names`` merged at ``strengths`` by ComfyUI itself
+    (``comfy.sd.load_lora_for_models``, what LoraLoader does): the reference the engine's outputs must equal."""
+    import folder_paths
+    model = patcher
+    for name, strength in zip(names, strengths):
+        sd = comfy.utils.load_torch_file(folder_paths.get_full_path("loras", name), safe_load=True)
+        model, _ = comfy.sd.load_lora_for_models(model, None, sd, strength, 0.0)
+    return model
+
+
+def engine_of(clone: comfy.model_patcher.ModelPatcher, ml):
+    """The on-the-fly engine a pack clone carries (its apply_model wrapper's owner)."""
+    return clone.wrappers["apply_model"][ml("host.onthefly").WRAPPER_KEY][0].__self__

@@ -47,17 +47,6 @@ def halves(size=SIZE):
     return left, 1.0 - left
 
 
-def merged(patcher, names, strengths):
-    model = patcher
-    for name, strength in zip(names, strengths):
-        sd = comfy.utils.load_torch_file(folder_paths.get_full_path("loras", name), safe_load=True)
-        model, _ = comfy.sd.load_lora_for_models(model, None, sd, strength, 0.0)
-    return model
-
-
-def engine_of(clone, ml):
-    found = clone.wrappers["apply_model"][ml("host.onthefly").WRAPPER_KEY]
-    return found[0].__self__
 
 
 def run_wrapped(clone, engine, patcher, x, sigma, cond, inputs=None, outputs=None, paths=None):
@@ -93,14 +82,14 @@ def test_an_all_one_mask_equals_the_stack_and_comfyui_merged(comfy_state, ml, mo
     names = loras(comfy_state, patcher, kind)
     rows = rows_of(ml, names)
     clone = ml("methods.regional").regional_model(patcher, rows, [torch.ones(4, 4), None], "test")
-    engine = engine_of(clone, ml)
+    engine = lora_files.engine_of(clone, ml)
     x, sigma, cond = tiny_models.make_inputs(kind, batch=2, seed=5, size=SIZE)
     got = run_wrapped(clone, engine, patcher, x, sigma, cond)
     stack = ml("host.engine").build_engine(patcher, rows, "test")
     with stack.attached(patcher.model), stack.routed(torch.ones(2, 2)):
         want_stack = tiny_models.forward(patcher, x, sigma, **cond)
     torch.testing.assert_close(got, want_stack, atol=1e-6, rtol=1e-6)
-    with tiny_models.patched(merged(patcher, names, STRENGTHS)):
+    with tiny_models.patched(lora_files.merged_by_comfy(patcher, names, STRENGTHS)):
         want = tiny_models.forward(patcher, x, sigma, **cond)
     assert (want - tiny_models.forward(patcher, x, sigma, **cond)).abs().max() > 1e-2
     torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
@@ -113,13 +102,13 @@ def test_each_token_of_each_layer_gets_only_its_regions_lora(comfy_state, ml, mo
     names = loras(comfy_state, patcher, kind)
     rows = rows_of(ml, names)
     clone = ml("methods.regional").regional_model(patcher, rows, list(halves()), "test")
-    engine = engine_of(clone, ml)
+    engine = lora_files.engine_of(clone, ml)
     x, sigma, cond = tiny_models.make_inputs(kind, batch=2, seed=6, size=SIZE)
     inputs, outputs = {}, {}
     run_wrapped(clone, engine, patcher, x, sigma, cond, inputs, outputs)
-    ref_a = layer_outputs(patcher, merged(patcher, names[:1], STRENGTHS[:1]), inputs)
-    ref_b = layer_outputs(patcher, merged(patcher, names[1:], STRENGTHS[1:]), inputs)
-    ref_ab = layer_outputs(patcher, merged(patcher, names, STRENGTHS), inputs)
+    ref_a = layer_outputs(patcher, lora_files.merged_by_comfy(patcher, names[:1], STRENGTHS[:1]), inputs)
+    ref_b = layer_outputs(patcher, lora_files.merged_by_comfy(patcher, names[1:], STRENGTHS[1:]), inputs)
+    ref_ab = layer_outputs(patcher, lora_files.merged_by_comfy(patcher, names, STRENGTHS), inputs)
     roles = engine.token_router.roles
     text_tokens = cond["c_crossattn"].shape[1]
     checked = {"conv": 0, "image": 0, "text": 0, "joint": 0}
@@ -161,12 +150,12 @@ def test_text_tokens_policy_none_leaves_regional_loras_off_the_text(comfy_state,
     rows = rows_of(ml, names)
     left, right = halves()
     clone = ml("methods.regional").regional_model(patcher, rows, [left, None], "test", text_tokens="no LoRA")
-    engine = engine_of(clone, ml)
+    engine = lora_files.engine_of(clone, ml)
     x, sigma, cond = tiny_models.make_inputs("flux", batch=1, seed=7, size=SIZE)
     inputs, outputs = {}, {}
     txt = [p for p in engine.layers if engine.token_router.roles[p] == "text"]
     run_wrapped(clone, engine, patcher, x, sigma, cond, inputs, outputs, txt)
-    ref_b = layer_outputs(patcher, merged(patcher, names[1:], STRENGTHS[1:]), {p: inputs[p] for p in txt})
+    ref_b = layer_outputs(patcher, lora_files.merged_by_comfy(patcher, names[1:], STRENGTHS[1:]), {p: inputs[p] for p in txt})
     assert txt
     for p in txt:  # row b has no region: it stays on the text; row a (regional) is off there
         torch.testing.assert_close(outputs[p], ref_b[p], atol=ATOL, rtol=RTOL, msg=p)
@@ -178,7 +167,7 @@ def test_regional_model_leaves_the_input_model_untouched(comfy_state, ml, models
     before = {k: v.clone() for k, v in patcher.model.state_dict().items()}
     wrappers = {k: dict(v) for k, v in patcher.wrappers.items()}
     clone = ml("methods.regional").regional_model(patcher, rows_of(ml, names), list(halves()), "test")
-    engine = engine_of(clone, ml)
+    engine = lora_files.engine_of(clone, ml)
     x, sigma, cond = tiny_models.make_inputs("sd15", batch=1, seed=8, size=SIZE)
     run_wrapped(clone, engine, patcher, x, sigma, cond)
     assert {k: dict(v) for k, v in patcher.wrappers.items()} == wrappers
@@ -226,8 +215,8 @@ def test_sampler_node_with_a_white_image_size_mask_equals_loraloader_ksampler(co
                            scheduler="normal", positive=positive, negative=negative, latent_image=latent,
                            denoise=1.0, mask_1=torch.ones(1, 64, 64)).result[0]["samples"]
     assert "KSampler (Regional LoRA): the mask of row 1 is 64×64; resized to the latent's 8×8" in caplog.text
-    want = nodes.KSampler().sample(merged(patcher, names, STRENGTHS), 3, 4, 5.0, "euler", "normal", positive,
-                                   negative, latent, 1.0)[0]["samples"]
+    reference = lora_files.merged_by_comfy(patcher, names, STRENGTHS)
+    want = nodes.KSampler().sample(reference, 3, 4, 5.0, "euler", "normal", positive, negative, latent, 1.0)[0]["samples"]
     base = nodes.KSampler().sample(patcher, 3, 4, 5.0, "euler", "normal", positive, negative, latent, 1.0)[0]["samples"]
     assert (want - base).abs().max() > 1e-1
     torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)

@@ -69,16 +69,6 @@ def inputs(batch=2, seed=6):
     return x, torch.full((batch,), 0.5), {"c_crossattn": cap, "num_tokens": tiny_models.ZIMAGE_TEXT_TOKENS}
 
 
-def merged(patcher, names, strengths):
-    model = patcher
-    for name, strength in zip(names, strengths):
-        sd = comfy.utils.load_torch_file(folder_paths.get_full_path("loras", name), safe_load=True)
-        model, _ = comfy.sd.load_lora_for_models(model, None, sd, strength, 0.0)
-    return model
-
-
-def engine_of(clone, ml):
-    return clone.wrappers["apply_model"][ml("host.onthefly").WRAPPER_KEY][0].__self__
 
 
 def run_wrapped(clone, engine, patcher, x, sigma, cond, record=None, paths=None):
@@ -106,7 +96,7 @@ def test_layout_roles_and_token_counts(ml, patcher, names):
     """The roles of every LoRA'd layer, and the token counts the router expects match what each layer sees."""
     rows = rows_of(ml, names)
     clone = ml("methods.regional").regional_model(patcher, rows, list(halves()), "test")
-    engine = engine_of(clone, ml)
+    engine = lora_files.engine_of(clone, ml)
     router = engine.token_router
     assert router.family == "lumina" and router.text_multiple == 32
     roles = router.roles
@@ -132,12 +122,12 @@ def test_an_all_one_mask_equals_the_stack_and_comfyui_merged(ml, patcher, names)
     rows = rows_of(ml, names)
     clone = ml("methods.regional").regional_model(patcher, rows, [torch.ones(4, 4), None], "test")
     x, sigma, cond = inputs(batch=2, seed=5)
-    got = run_wrapped(clone, engine_of(clone, ml), patcher, x, sigma, cond)
+    got = run_wrapped(clone, lora_files.engine_of(clone, ml), patcher, x, sigma, cond)
     stack = ml("host.engine").build_engine(patcher, rows, "test")
     with stack.attached(patcher.model), stack.routed(torch.ones(2, 2)):
         want_stack = tiny_models.forward(patcher, x, sigma, **cond)
     torch.testing.assert_close(got, want_stack, atol=1e-6, rtol=1e-6)
-    with tiny_models.patched(merged(patcher, names, STRENGTHS)):
+    with tiny_models.patched(lora_files.merged_by_comfy(patcher, names, STRENGTHS)):
         want = tiny_models.forward(patcher, x, sigma, **cond)
     assert (want - tiny_models.forward(patcher, x, sigma, **cond)).abs().max() > 1e-2
     torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
@@ -148,13 +138,13 @@ def test_each_token_of_each_layer_gets_only_its_regions_lora(ml, patcher, names)
     (every LoRA); image pads both at half strength (each LoRA's share of the image)."""
     rows = rows_of(ml, names)
     clone = ml("methods.regional").regional_model(patcher, rows, list(halves()), "test")
-    engine = engine_of(clone, ml)
+    engine = lora_files.engine_of(clone, ml)
     record = {}
     run_wrapped(clone, engine, patcher, *inputs(batch=2, seed=6), record=record)
-    ref_a = layer_outputs(patcher, merged(patcher, names[:1], STRENGTHS[:1]), record)
-    ref_b = layer_outputs(patcher, merged(patcher, names[1:], STRENGTHS[1:]), record)
-    ref_ab = layer_outputs(patcher, merged(patcher, names, STRENGTHS), record)
-    ref_half = layer_outputs(patcher, merged(patcher, names, [s / 2 for s in STRENGTHS]), record)
+    ref_a = layer_outputs(patcher, lora_files.merged_by_comfy(patcher, names[:1], STRENGTHS[:1]), record)
+    ref_b = layer_outputs(patcher, lora_files.merged_by_comfy(patcher, names[1:], STRENGTHS[1:]), record)
+    ref_ab = layer_outputs(patcher, lora_files.merged_by_comfy(patcher, names, STRENGTHS), record)
+    ref_half = layer_outputs(patcher, lora_files.merged_by_comfy(patcher, names, [s / 2 for s in STRENGTHS]), record)
     roles = engine.token_router.roles
     grid = (H // 2) * (W // 2)
     left = torch.zeros(H // 2, W // 2, dtype=torch.bool)
@@ -190,12 +180,12 @@ def test_text_tokens_policy_none_leaves_regional_loras_off_the_caption(ml, patch
     rows = rows_of(ml, names)
     left, _ = halves()
     clone = ml("methods.regional").regional_model(patcher, rows, [left, None], "test", text_tokens="no LoRA")
-    engine = engine_of(clone, ml)
+    engine = lora_files.engine_of(clone, ml)
     roles = engine.token_router.roles
     paths = [p for p in engine.layers if roles[p] in ("text", "joint")]
     record = {}
     run_wrapped(clone, engine, patcher, *inputs(batch=1, seed=7), record=record, paths=paths)
-    ref_b = layer_outputs(patcher, merged(patcher, names[1:], STRENGTHS[1:]), record)
+    ref_b = layer_outputs(patcher, lora_files.merged_by_comfy(patcher, names[1:], STRENGTHS[1:]), record)
     text = [p for p in paths if roles[p] == "text"]
     assert text and len(paths) > len(text)
     for p in paths:
@@ -209,7 +199,7 @@ def test_text_tokens_policy_none_leaves_regional_loras_off_the_caption(ml, patch
 def test_each_image_of_a_batch_equals_the_same_noise_sampled_alone(ml, patcher, names):
     """Batch 3 with a left/right split equals each image alone (one model call each, same noise slice)."""
     clone = ml("methods.regional").regional_model(patcher, rows_of(ml, names), list(halves()), "test")
-    engine = engine_of(clone, ml)
+    engine = lora_files.engine_of(clone, ml)
     x, sigma, cond = inputs(batch=3, seed=9)
     batch = run_wrapped(clone, engine, patcher, x, sigma, cond)
     for i in range(3):
@@ -225,7 +215,8 @@ def test_reference_latents_and_unknown_layouts_are_named_errors(ml, patcher, nam
     x, sigma, cond = inputs(batch=1)
     with pytest.raises(error, match=r"^test: the conditioning holds reference latents \(Z-Image omni / edit mode\).*"
                                     r"Remove the ReferenceLatent node"):
-        run_wrapped(clone, engine_of(clone, ml), patcher, x, sigma, {**cond, "ref_latents": [torch.zeros(1, 16, 8, 8)]})
+        run_wrapped(clone, lora_files.engine_of(clone, ml), patcher, x, sigma,
+                    {**cond, "ref_latents": [torch.zeros(1, 16, 8, 8)]})
     roles = ml("host.token_routing").token_roles
 
     class PixelSpace(torch.nn.Module):  # the attributes of 0.33's NextDiTPixelSpace that tell it apart
@@ -248,8 +239,8 @@ def test_sampler_node_with_a_white_mask_equals_loraloader_ksampler(comfy_state, 
                            denoise=1.0, mask_1=torch.ones(1, 8 * H, 8 * W)).result[0]["samples"]
     assert f"the mask of row 1 is {8 * W}×{8 * H}; resized to the latent's {W}×{H}" in caplog.text
     ksampler = nodes.KSampler()
-    want = ksampler.sample(merged(patcher, names, STRENGTHS), 3, 4, 4.0, "euler", "simple", positive, negative,
-                           latent, 1.0)[0]["samples"]
+    reference = lora_files.merged_by_comfy(patcher, names, STRENGTHS)
+    want = ksampler.sample(reference, 3, 4, 4.0, "euler", "simple", positive, negative, latent, 1.0)[0]["samples"]
     base = ksampler.sample(patcher, 3, 4, 4.0, "euler", "simple", positive, negative, latent, 1.0)[0]["samples"]
     assert (want - base).abs().max() > 1e-1
     torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
@@ -272,17 +263,17 @@ def test_lumina2_same_code_no_pads_and_grouped_query_attention(comfy_state, ml):
     regional = ml("methods.regional")
     x, sigma, cond = inputs(batch=2, seed=8)
     white = regional.regional_model(lumina, rows, [torch.ones(4, 4), None], "test")
-    got = run_wrapped(white, engine_of(white, ml), lumina, x, sigma, cond)
-    with tiny_models.patched(merged(lumina, found, STRENGTHS)):
+    got = run_wrapped(white, lora_files.engine_of(white, ml), lumina, x, sigma, cond)
+    with tiny_models.patched(lora_files.merged_by_comfy(lumina, found, STRENGTHS)):
         want = tiny_models.forward(lumina, x, sigma, **cond)
     assert (want - tiny_models.forward(lumina, x, sigma, **cond)).abs().max() > 1e-2
     torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
     split = regional.regional_model(lumina, rows, list(halves()), "test")
-    engine = engine_of(split, ml)
+    engine = lora_files.engine_of(split, ml)
     assert engine.token_router.text_multiple == 1
     record = {}
     run_wrapped(split, engine, lumina, x, sigma, cond, record=record)
-    ref = {key: layer_outputs(lumina, merged(lumina, n, s), record) for key, n, s in
+    ref = {key: layer_outputs(lumina, lora_files.merged_by_comfy(lumina, n, s), record) for key, n, s in
            (("a", found[:1], STRENGTHS[:1]), ("b", found[1:], STRENGTHS[1:]), ("ab", found, STRENGTHS))}
     left = torch.zeros(H // 2, W // 2, dtype=torch.bool)
     left[:, : W // 4] = True
