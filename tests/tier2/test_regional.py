@@ -47,8 +47,6 @@ def halves(size=SIZE):
     return left, 1.0 - left
 
 
-
-
 def run_wrapped(clone, engine, patcher, x, sigma, cond, inputs=None, outputs=None, paths=None):
     """One apply_model call through the clone's wrappers (as a sampler makes it), recording each targeted
     layer's input and final output (after the engine's hook) into the dicts given."""

@@ -69,8 +69,6 @@ def inputs(batch=2, seed=6):
     return x, torch.full((batch,), 0.5), {"c_crossattn": cap, "num_tokens": tiny_models.ZIMAGE_TEXT_TOKENS}
 
 
-
-
 def run_wrapped(clone, engine, patcher, x, sigma, cond, record=None, paths=None):
     """One apply_model call through the clone's wrappers, recording each targeted layer's (input, output)."""
     handles = []
