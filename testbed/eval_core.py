@@ -42,7 +42,11 @@ STEPS, CFG, SEEDS = 20, 5.0, 4
 SCHEDULERS = {"unet": "normal", "dit": "simple"}
 CONCEPT_WORDS = {"character": "zorb", "clothing": "plaid, vest", "background": "brick", "object": "lantern",
                  "style": ""}
-METHODS = ("merge", "switch", "composite", "cmlora", "clora", "regional_oracle", "regional_auto")
+METHODS = ("merge", "switch", "switch_authors", "composite", "cmlora", "clora", "clora_authors", "regional_oracle",
+           "regional_auto")
+"""``switch_authors``: LoRA Switch with the released code's schedule; ``clora_authors``: CLoRA's "authors' code"
+variant (clora_settings.VARIANTS): the pairs the README's variant tables compare."""
+CLORA_METHODS = ("clora", "clora_authors")
 REGIONAL = ("regional_oracle", "regional_auto")
 ALL_METHODS = ("base",) + METHODS
 Prompt = tuple[tuple[str, ...], str, dict]  # (categories, caption, expected plain parts: detector head → code)
@@ -128,10 +132,12 @@ def sample(ml: Callable, method: str, model, clip, rows, prompt: str, seed: int,
     the oracle masks)."""
     latent = torch.zeros(seeds, objectives.channels(arch), world.SIZE, world.SIZE)
     scheduler = SCHEDULERS[arch]
-    if method == "clora":
+    if method in CLORA_METHODS:
         clora = ml("methods.clora")
+        options = ml("methods.clora_settings")
+        variant = options.VARIANT_AUTHORS if method == "clora_authors" else options.VARIANT_PACK
         out, _ = clora.clora_sample(model, clip, prompt, "", rows, seed, steps, "euler", scheduler,
-                                    {"samples": latent}, 1.0, clora.CloraSettings(cfg=CFG))
+                                    {"samples": latent}, 1.0, options.CloraSettings.for_variant(variant, cfg=CFG))
         return out["samples"]
     if method == "base":
         patched = model
@@ -142,6 +148,9 @@ def sample(ml: Callable, method: str, model, clip, rows, prompt: str, seed: int,
             patched, _ = comfy.sd.load_lora_for_models(patched, None, sd, row.strength_model, 0.0)
     elif method == "switch":
         patched = ml("methods.switch_composite").switch_model(model, rows, switch_every, "testbed")
+    elif method == "switch_authors":
+        patched = ml("methods.switch_composite").switch_model(model, rows, switch_every, "testbed",
+                                                              ml("core.routing").SWITCH_AUTHORS)
     elif method == "composite":
         patched = ml("methods.switch_composite").composite_model(model, rows, None, "testbed")
     elif method == "cmlora":
@@ -233,7 +242,7 @@ def run_method(method: str, k: int, prompts: Sequence[Prompt], ctx: dict, budget
                 break
             t1 = time.perf_counter()
             rows = rows_for(ctx["ml"]("core.stack"), cats, arch=arch) if method != "base" else ()
-            if method == "clora" and (arch == "dit" or sum(1 for c in cats if CONCEPT_WORDS[c]) < 2):
+            if method in CLORA_METHODS and (arch == "dit" or sum(1 for c in cats if CONCEPT_WORDS[c]) < 2):
                 # CLoRA contrasts ≥ 2 concept words; a style row has none (it is applied globally), so a
                 # {character, style} set is outside what CLoRA does: counted, not scored. A DiT has no
                 # cross-attention for CLoRA to read: every prompt is outside it.

@@ -1,7 +1,8 @@
 """Composition evaluation on the trained testbed: which method keeps every concept?
 
     python testbed/evaluate.py --out DIR [--arch unet|dit] [--prompts 40] [--ks 1 2 3 4]
-                               [--methods base merge switch composite cmlora clora regional_oracle regional_auto]
+                               [--methods base merge switch switch_authors composite cmlora clora clora_authors
+                                          regional_oracle regional_auto]
                                [--max-seconds S] [--total-seconds T] [--no-base]
 
 Composition sets as in ComposLoRA (Zhong et al. 2024): one character LoRA plus k−1 LoRAs of other

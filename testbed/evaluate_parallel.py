@@ -22,7 +22,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-_TRAINING_FREE = ["merge", "switch", "composite", "cmlora"]
+_TRAINING_FREE = ["merge", "switch", "switch_authors", "composite", "cmlora"]
 JOBS_BY_ARCH = {
     "unet": (
         ["--ks", "1", "2", "--methods", "base"] + _TRAINING_FREE,
@@ -32,6 +32,8 @@ JOBS_BY_ARCH = {
         ["--ks", "2", "--methods", "clora", "--no-base"],
         ["--ks", "3", "--methods", "clora", "--no-base"],
         ["--ks", "4", "--methods", "clora", "--no-base"],
+        ["--ks", "2", "--methods", "clora_authors", "--no-base"],
+        ["--ks", "3", "--methods", "clora_authors", "--no-base"],
     ),
     "dit": (  # no CLoRA: a DiT has no cross-attention for it to read
         ["--ks", "1", "2", "--methods", "base"] + _TRAINING_FREE,
