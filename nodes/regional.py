@@ -9,6 +9,7 @@ from ..multilora.core.auto_masks import AutoMaskPhases
 from ..multilora.core.regions import TEXT_ALL, TEXT_POLICIES
 from ..multilora.core.stack import require_active
 from ..multilora.host.ksampler import ksample
+from ..multilora.host.token_routing import refuse_reference_latents
 from ..multilora.methods.regional import check_masks, regional_model
 from ..multilora.methods.regional_auto import MASK_SOURCES, MASKS_DRAWN, auto_regional_model, drawn_record
 from .checks import checked
@@ -134,6 +135,7 @@ class RegionalLoraSampler(io.ComfyNode):
         node = "KSampler (Regional LoRA)"
         rows = require_active(lora_stack, node)
         latent_size = tuple(int(s) for s in latent_image["samples"].shape[-2:])
+        refuse_reference_latents(model.model.diffusion_model, (positive, negative), node)
         for note in check_masks(rows, masks_of(masks), node, latent_size, feather):
             log.warning("%s: %s", node, note)
         if mask_from == MASKS_DRAWN:

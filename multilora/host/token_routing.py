@@ -64,6 +64,24 @@ def model_family(diffusion_model: torch.nn.Module) -> str:
     return ""
 
 
+def reference_latents_message(node: str) -> str:
+    return (f"{node}: the conditioning holds reference latents (Z-Image omni / edit mode), which put reference-image "
+            "tokens before the image's own; regional LoRA does not route that layout. Remove the ReferenceLatent node "
+            "from the conditioning, or sample without regions (LoRA Stack).")
+
+
+def refuse_reference_latents(diffusion_model: torch.nn.Module, conditionings, node: str) -> None:
+    """RegionError before sampling when a Z-Image / Lumina conditioning carries ReferenceLatent's reference
+    latents (the omni layout, which the router refuses at the first model call otherwise)."""
+    if model_family(diffusion_model) != LUMINA:
+        return
+    for conditioning in conditionings:
+        for entry in conditioning or ():
+            if isinstance(entry, (list, tuple)) and len(entry) > 1 and isinstance(entry[1], dict) \
+                    and entry[1].get("reference_latents"):
+                raise RegionError(reference_latents_message(node))
+
+
 def caption_multiple(diffusion_model: torch.nn.Module) -> int:
     """The multiple a Lumina-family model pads its caption to in the joint sequence (1: no padding)."""
     if model_family(diffusion_model) != LUMINA:
@@ -164,10 +182,7 @@ class TokenRouter:
         """Start a model call on latent ``x`` ([B, C, H, W]) with text ``context`` ([B, T, C]) and the call's other
         model inputs ``conds`` (apply_model's keyword arguments)."""
         if self.family == LUMINA and (conds or {}).get("ref_latents"):
-            raise RegionError(f"{self.node}: the conditioning holds reference latents (Z-Image omni / edit mode), which "
-                              "put reference-image tokens before the image's own; regional LoRA does not route that "
-                              "layout. Remove the ReferenceLatent node from the conditioning, or sample without "
-                              "regions (LoRA Stack).")
+            raise RegionError(reference_latents_message(self.node))
         self._latent = (int(x.shape[-2]), int(x.shape[-1]))
         self.plan = self.plan_for(self._latent)
         text = 0 if context is None or context.ndim != 3 else int(context.shape[1])

@@ -18,6 +18,7 @@ the full softmax over the joint sequence's keys, restricted to image queries × 
 Concept tokens come from ComfyUI's real Z-Image tokenizer (Qwen3, chat template).
 """
 import logging
+import sys
 import types
 
 import pytest
@@ -247,6 +248,24 @@ def test_sampler_node_with_a_white_mask_equals_loraloader_ksampler(comfy_state, 
                          mask_1=halves()[0], mask_2=halves()[1]).result[0]["samples"]
     assert (split - want).abs().max() > 1e-2  # the regions change the image
     assert patcher.wrappers == {} and torch.count_nonzero(latent["samples"]) == 0
+
+
+def test_sampler_node_refuses_reference_latents_before_sampling(ml, patcher, names, monkeypatch):
+    """ReferenceLatent's entry in the conditioning (Z-Image omni) is refused by the node, before any sampling."""
+    stack = ml("core.stack").LoraStack(tuple(rows_of(ml, names)))
+    positive = [[t, {**extra, "reference_latents": [torch.zeros(1, 16, H, W)]}]
+                for t, extra in tiny_models.make_conditioning("zimage", seed=1)]
+    negative = tiny_models.make_conditioning("zimage", seed=2)
+    node = nodes.NODE_CLASS_MAPPINGS["MultiLoRARegionalSampler"]
+    calls = []  # a spy on the node's sampling call: the router refuses the same at the first model call
+    monkeypatch.setattr(sys.modules[node.__module__], "ksample", lambda *a, **k: calls.append(a))
+    with pytest.raises(ml("core.regions").RegionError,
+                       match=r"^KSampler \(Regional LoRA\): the conditioning holds reference latents"):
+        node.execute(model=patcher, lora_stack=stack, seed=3, steps=4, cfg=4.0, sampler_name="euler",
+                     scheduler="simple", positive=positive, negative=negative,
+                     latent_image={"samples": torch.zeros(1, 16, H, W)}, denoise=1.0, mask_1=halves()[0])
+    assert calls == [] and patcher.wrappers == {}
+    assert "reference_latents" not in negative[0][1]
 
 
 def test_lumina2_same_code_no_pads_and_grouped_query_attention(comfy_state, ml):
