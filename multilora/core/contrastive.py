@@ -43,18 +43,33 @@ def nt_xent_loss(maps: torch.Tensor, groups: Sequence[Hashable], temperature: fl
     count = flat.shape[0]
     if len(groups) != count:
         raise ValueError(f"nt_xent_loss: {count} maps but {len(groups)} group ids.")
-    # The pair masks come from the group ids on the host: no device-to-host sync inside the loss.
+    # The pair count comes from the group ids on the host, and the pair masks are built on the device from
+    # them (fills only): no device-to-host sync and no host-to-device copy inside the loss, so a CUDA graph
+    # may record it.
     index: dict[Hashable, int] = {}
-    labels = torch.tensor([index.setdefault(g, len(index)) for g in groups])
-    eye = torch.eye(count, dtype=torch.bool)
-    positive = (labels[:, None] == labels[None, :]) & ~eye
-    pairs = int(positive.sum())
+    ids = [index.setdefault(g, len(index)) for g in groups]
+    sizes = [ids.count(i) for i in range(len(index))]
+    pairs = sum(n * (n - 1) for n in sizes)
     if pairs == 0:
         return flat.sum() * 0.0
+    labels = _labels_on(ids, flat.device)
+    eye = torch.eye(count, dtype=torch.bool, device=flat.device)
+    positive = (labels[:, None] == labels[None, :]) & ~eye
     unit = F.normalize(flat, dim=1, eps=eps)
-    logits = (unit @ unit.T / temperature).masked_fill(eye.to(flat.device), float("-inf"))
+    logits = (unit @ unit.T / temperature).masked_fill(eye, float("-inf"))
     log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
-    return -log_prob.masked_fill(~positive.to(flat.device), 0.0).sum() / pairs
+    return -log_prob.masked_fill(~positive, 0.0).sum() / pairs
+
+
+def _labels_on(ids: Sequence[int], device: torch.device) -> torch.Tensor:
+    """``ids`` as a device tensor made by one fill per run of equal ids (no host-to-device copy)."""
+    runs: list[list[int]] = []
+    for i in ids:
+        if runs and runs[-1][0] == i:
+            runs[-1][1] += 1
+        else:
+            runs.append([i, 1])
+    return torch.cat([torch.full((n,), i, dtype=torch.long, device=device) for i, n in runs])
 
 
 def concept_contrastive_loss(maps_per_concept: Sequence[torch.Tensor], temperature: float = 0.5,

@@ -47,10 +47,12 @@ from ..host.attention_capture import (
     cross_attention_sites,
     install_capture,
 )
+from ..host.cuda_graphs import GraphRunner
 from ..host.engine import build_engine
 from ..host.feature_cache import CheckpointedUNet
 from ..host.onthefly import ROUTING_KEY, OnTheFlyLoras
 from .clora_gradient import gradient_ready  # looked up here at each pass: benchmarks swap it
+from .clora_graphs import RECORD_KEY, CallRecorder, RecordedCall, plain_conds
 from .clora_prompts import NODE, Variant, build_variants, encode, routing_table, split_rows  # noqa: F401 (re-exported)
 from .clora_sampler import clora_sampler, refine_steps  # noqa: F401 (re-exported)
 from .clora_settings import HALVES_BOTH, MASK_OWN, CloraRecord, CloraSettings, check_variant_settings
@@ -96,6 +98,8 @@ class CloraGuider(comfy.samplers.CFGGuider):
         self._schedule_source = None
         self._schedule: list[float] | None = None
         self._kept: KeptPredictions | None = None  # set by an update, used by the next step's first call
+        self._recorded: RecordedCall | None = None  # the run's gradient-pass model call (clora_graphs)
+        self._graphs = GraphRunner()
 
     def _capture_levels(self) -> dict:
         """Cross-attention site → level of this guider's UNet (its structure does not change)."""
@@ -178,18 +182,48 @@ class CloraGuider(comfy.samplers.CFGGuider):
             comfy.patcher_extension.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL,
                                                          STOP_KEY, StopAfterCapture(capture), options,
                                                          is_model_options=True)
+        recorder = None
+        if not keep_predictions and self._recorded is None and plain_conds(self.conds):
+            recorder = CallRecorder()
+            comfy.patcher_extension.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, RECORD_KEY,
+                                                         recorder, options, is_model_options=True)
         with_uncond = keep_predictions or self._both_halves()
         outputs = comfy.samplers.calc_cond_batch(self.inner_model, self._cond_list(with_uncond), x, timestep, options)
+        if recorder is not None and not self.settings.gradient_checkpointing:
+            self._recorded = RecordedCall.from_pass(recorder, self.inner_model, capture, x, timestep)
+            if self._recorded is not None:
+                self._recorded.source = model_options
         per_variant = self.variant_maps(capture)
-        groups = [list(by_variant.values()) for by_variant in per_variant]
-        total = x.new_zeros(())
-        for r in range(x.shape[0]):  # per image: no term couples two images of the batch
-            total = total + concept_contrastive_loss([torch.cat([m[r] for m in g], dim=0) for g in groups],
-                                                     self.settings.temperature)
+        total = self._contrastive(per_variant, x.shape[0], x)
         if keep_predictions:
             self._kept = KeptPredictions(x.detach(), float(timestep.flatten()[0]), [o.detach() for o in outputs],
                                          [{v: m.detach() for v, m in d.items()} for d in per_variant])
         return total
+
+    def _contrastive(self, per_variant: Sequence[dict[int, torch.Tensor]], images: int, like: torch.Tensor):
+        groups = [list(by_variant.values()) for by_variant in per_variant]
+        total = like.new_zeros(())
+        for r in range(images):  # per image: no term couples two images of the batch
+            total = total + concept_contrastive_loss([torch.cat([m[r] for m in g], dim=0) for g in groups],
+                                                     self.settings.temperature)
+        return total
+
+    def _direct_value_and_gradient(self, x: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L, ∇ₓL) through the recorded model call (clora_graphs); replayed from a CUDA graph on the GPU."""
+        recorded = self._recorded
+
+        def body(x_in: torch.Tensor, sigma_in: torch.Tensor):
+            latent = x_in.detach().clone().requires_grad_(True)  # inference tensors cannot require grad
+            recorded.run(latent, sigma_in.detach().clone())
+            value = self._contrastive(self.variant_maps(recorded.capture), latent.shape[0], latent)
+            (grad,) = torch.autograd.grad(value, latent)
+            return value.detach(), grad.detach()
+        x, sigma = x.detach(), sigma.detach()
+        if not (self._graphs.enabled and self._graphs.backend.available(x)):
+            return body(x, sigma)
+        tensors = {"x": x, "sigma": sigma}
+        return self._graphs.run(self._graphs.signature(tensors, "clora gradient"), tensors,
+                                lambda i: body(i["x"], i["sigma"]), lambda: body(x, sigma))
 
     @contextlib.contextmanager
     def gradient_pass(self):
@@ -208,17 +242,23 @@ class CloraGuider(comfy.samplers.CFGGuider):
 
     @contextlib.contextmanager
     def weight_aliases_kept(self):
-        """Reuse the gradient passes' weight aliases over the block (one sampling run), then drop them."""
+        """Reuse the gradient passes' weight aliases, recorded call and graphs over the block (one sampling run),
+        then drop them."""
         previous = self._aliases
         self._aliases = {} if previous is None else previous
         try:
             yield
         finally:
             self._aliases = previous
+            if previous is None:
+                self._recorded = None
+                self._graphs.reset()
 
     def _value_and_gradient(self, x: torch.Tensor, sigma: torch.Tensor, model_options: dict,
                             keep_predictions: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         with self.gradient_pass():
+            if not keep_predictions and self._recorded is not None and self._recorded.fits(x, model_options):
+                return self._direct_value_and_gradient(x, sigma)
             latent = x.detach().clone().requires_grad_(True)
             value = self.loss(latent, sigma.detach().clone(), model_options, keep_predictions=keep_predictions)
             (grad,) = torch.autograd.grad(value, latent)

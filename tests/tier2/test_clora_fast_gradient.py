@@ -3,7 +3,8 @@
 Straightforward path (the first implementation, kept as ``gradient_ready(share_weights=False)``): ComfyUI's cast
 path copies every weight and bias per forward (identity weight/bias functions) and the UNet runs to its end.
 Fast path: the inference-mode weights are shared through normal-tensor aliases (no copies, ops on their plain
-forward), the engine stays on its hooks, and the UNet call stops after the last attention-capture site.
+forward), the engine stays on its hooks, the UNet call stops after the last attention-capture site, and passes
+after the first make the recorded model call directly (clora_graphs).
 Both run the same kernels on the same values along every path that reaches the loss, so the loss, ∇ₓL and the
 updated latent are compared bit for bit (atol = rtol = 0).
 """
@@ -58,6 +59,7 @@ def straightforward(ml, monkeypatch):
         with monkeypatch.context() as m:
             m.setattr(clora, "gradient_ready", functools.partial(clora.gradient_ready, share_weights=False))
             m.setattr(clora, "StopAfterCapture", FullForward)
+            m.setattr(clora, "plain_conds", lambda conds: False)  # every pass through calc_cond_batch, none recorded
             yield
     return patched()
 
@@ -108,10 +110,11 @@ def test_fast_update_equals_the_straightforward_update(ml, inference_worlds, kin
                 seen[key] = guider.update_latent(x0, sigma, 3, options)
                 seen[key + "_losses"] = guider.record.losses[start:]
             seen["aliases"] = len(guider._aliases)
-        assert guider._aliases is None
+            seen["direct"] = guider._recorded is not None and guider._recorded.fits(x0, options)
+        assert guider._aliases is None and guider._recorded is None  # dropped when the run ends
 
     run_probe(ml, inference_worlds[kind], probe)
-    assert seen["ref_grad"][1].abs().max() > 0 and seen["aliases"] > 0
+    assert seen["ref_grad"][1].abs().max() > 0 and seen["aliases"] > 0 and seen["direct"]
     assert seen["grad"][0] == seen["ref_grad"][0]
     torch.testing.assert_close(seen["grad"][1], seen["ref_grad"][1], atol=0, rtol=0)
     assert len(seen["ref_losses"]) == 3 and seen["x_losses"] == seen["ref_losses"] == seen["x_again_losses"]
@@ -204,7 +207,7 @@ def test_user_model_untouched_after_runs_and_cancel(ml, inference_worlds, comfy_
     assert record.final_masks.device.type == "cpu" and all(m.device.type == "cpu" for s in record.steps for m in s)
     untouched()
 
-    original = clora.CloraGuider.loss
+    original = clora.CloraGuider._contrastive  # every gradient pass's loss, recorded call or not
     state = {"n": 0}
 
     def cancelling(self, *args, **kwargs):
@@ -215,14 +218,14 @@ def test_user_model_untouched_after_runs_and_cancel(ml, inference_worlds, comfy_
             raise comfy.model_management.InterruptProcessingException()
         return original(self, *args, **kwargs)
 
-    clora.CloraGuider.loss = cancelling
+    clora.CloraGuider._contrastive = cancelling
     try:
         with pytest.raises(comfy.model_management.InterruptProcessingException), torch.inference_mode():
             clora.clora_sample(model, clip, "a photo of a cat and a dog", "blurry", list(rows), 3, 4, "euler",
                                "normal", {"samples": torch.zeros(1, 4, 8, 8)}, 1.0,
                                clora.CloraSettings(cfg=5.0, refine_iters=2))
     finally:
-        clora.CloraGuider.loss = original
+        clora.CloraGuider._contrastive = original
         comfy.model_management.interrupt_current_processing(False)
     assert state["swapped"] == len(params)  # the cancel hit while every weight was an alias
     untouched()
@@ -264,3 +267,56 @@ def test_masks_of_all_rows_at_once_equal_row_by_row(ml):
                               for r in range(3)])
         assert together.dtype == torch.bool and together.shape == (3, 2, 8, 11)
         assert torch.equal(together, by_row)
+
+
+@pytest.mark.parametrize("kind,halves", [("sd15", "cond and uncond"), ("sdxl", "cond")])
+def test_direct_passes_equal_calc_cond_batch_passes_at_every_sigma(ml, inference_worlds, kind, halves, monkeypatch):
+    """After a run's first gradient pass the guider makes its recorded model call directly (x and σ repeated per
+    chunk, conds kept on the device): (L, ∇ₓL) at new latents and other σ equal the calc_cond_batch pass bit
+    for bit, with uncond chunks in the call (the authors' halves) and SDXL's vector cond."""
+    clora = ml("methods.clora")
+    seen = {"direct": [], "reference": []}
+
+    def probe(guider, engine, x, sigmas, options):
+        with guider.weight_aliases_kept():
+            guider.loss_gradient(start_latent(x, sigmas[0]), sigmas[0:1].expand(x.shape[0]), options)  # recorded
+            assert guider._recorded is not None and guider._recorded.chunks == (6 if halves != "cond" else 3)
+            for i in (1, 3):
+                x_i = start_latent(x, sigmas[i]) + i
+                seen["direct"].append(guider.loss_gradient(x_i, sigmas[i:i + 1].expand(x.shape[0]), options))
+            guider._recorded = None
+            with monkeypatch.context() as m:
+                m.setattr(clora, "plain_conds", lambda conds: False)
+                for i in (1, 3):
+                    x_i = start_latent(x, sigmas[i]) + i
+                    seen["reference"].append(guider.loss_gradient(x_i, sigmas[i:i + 1].expand(x.shape[0]), options))
+
+    run_probe(ml, inference_worlds[kind], probe, attention_halves=halves)
+    for (value, grad), (ref_value, ref_grad) in zip(seen["direct"], seen["reference"]):
+        assert value == ref_value and ref_grad.abs().max() > 0
+        torch.testing.assert_close(grad, ref_grad, atol=0, rtol=0)
+    assert seen["direct"][0][0] != seen["direct"][1][0]  # other x and σ: another loss
+
+
+def test_conds_with_an_area_are_not_recorded_and_other_options_are_not_reused(ml, inference_worlds):
+    """A cond limited to an area (or to some steps) changes what calc_cond_batch builds: such passes are never
+    recorded. A recorded call serves only the model_options of its own run."""
+    seen = {}
+
+    def probe(guider, engine, x, sigmas, options):
+        sigma = sigmas[1:2].expand(x.shape[0])
+        guider.loss_gradient(start_latent(x, sigmas[1]), sigma, options)
+        seen["plain"] = guider._recorded is not None
+        seen["other_options"] = guider._recorded.fits(x, dict(options))
+        guider._recorded = None
+        first = guider.conds["c0"][0]
+        guider.conds["c0"][0] = {**first, "area": (8, 8, 0, 0)}
+        try:
+            guider.loss_gradient(start_latent(x, sigmas[1]), sigma, options)
+        finally:
+            guider.conds["c0"][0] = first
+        seen["area"] = guider._recorded is not None
+
+    run_probe(ml, inference_worlds["sd15"], probe)
+    assert seen == {"plain": True, "other_options": False, "area": False}
+

@@ -172,17 +172,20 @@ def test_mask_source_own_variant_takes_each_loras_own_maps(ml, world):
     torch.testing.assert_close(full_own, full_union, atol=0, rtol=0)
 
 
-def count_cond_batches(model):
-    """A clone of ``model`` counting calc_cond_batch calls: (all, with uncond conds)."""
+def count_model_calls(model):
+    """A clone of ``model`` counting UNet calls: (all, with uncond chunks). Gradient passes after a run's first
+    go straight to apply_model (clora_graphs), so the count is taken there, not at calc_cond_batch."""
     clone = model.clone()
     calls = {"all": 0, "full": 0}
 
-    def count(executor, model_, conds, *args, **kwargs):
+    def count(executor, x, t, *args, **kwargs):
+        options = args[3] if len(args) > 3 else kwargs.get("transformer_options", {})  # (c_concat, c_crossattn, control, options)
+        chunks = options.get("cond_or_uncond", [])
         calls["all"] += 1
-        calls["full"] += all(c is not None for c in conds)
-        return executor(model_, conds, *args, **kwargs)
+        calls["full"] += any(int(c) % 2 == 1 for c in chunks)  # the guider's cond list: c0, u0, c1, u1, …
+        return executor(x, t, *args, **kwargs)
 
-    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, "test.count", count)
+    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test.count", count)
     return clone, calls
 
 
@@ -192,7 +195,7 @@ def test_keeping_predictions_after_an_update_saves_one_unet_pass_per_updated_ste
     the prediction pass of steps 0 and 1. Without updates nothing differs."""
     runs = {}
     for keep in (False, True):
-        model, calls = count_cond_batches(world[0])
+        model, calls = count_model_calls(world[0])
         runs[keep] = sample(ml, world, settings(ml, opt_until=0.34, recompute_after_update=not keep), model=model)
         runs[keep] += (dict(calls),)
     assert runs[False][3] == {"all": 12, "full": 6}
