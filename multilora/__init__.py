@@ -21,7 +21,7 @@
     ``merge`` (ComfyUI's own merged LoRAs, the baseline), ``switch_composite`` (LoRA Switch and LoRA
     Composite), ``cmlora`` (CMLoRA), ``clora`` (CLoRA's guider and entry point), ``clora_settings`` (its
     settings, variants and record), ``clora_prompts`` (prompt variants), ``clora_sampler`` (the latent
-    update's sampler), ``clora_gradient`` (autograd under inference mode), ``clora_graphs`` (its gradient passes as one
+    update's sampler), ``clora_gradient`` (autograd under inference mode), ``clora_direct`` (its gradient passes as one
     recorded direct model call), ``compare`` (every method on one seed),
     ``regional`` (regional LoRA: each LoRA inside its region, one pass), ``regional_auto`` (its automatic masks).
 Node classes live in the pack's top-level ``nodes/`` package and only delegate to this package.

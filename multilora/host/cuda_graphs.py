@@ -75,19 +75,23 @@ class _Entry:
         self.seen = 0
 
 
-class GraphRunner:
-    """Calls replayed from CUDA graphs, one per signature (the run logic of the module docstring).
+class GraphedUNet:
+    """The DIFFUSION_MODEL wrapper (see the module docstring).
 
-    ``stage(device, dtype)``, when given, runs before every capture or replay (the engine stages its routing
-    weights there)."""
+    ``stage_rows(device, dtype)`` puts the current routing weights into static device buffers before a
+    capture or replay; ``routing_key()`` names the routing that a captured graph has baked in. The run's
+    engine passes both, so this module knows nothing else of it."""
 
-    def __init__(self, stage: Callable[[torch.device, torch.dtype], None] | None = None, backend=None):
-        self.stage = stage
+    def __init__(self, stage_rows: Callable[[torch.device, torch.dtype], None], routing_key: Callable[[], tuple],
+                 backend=None):
+        self.stage_rows = stage_rows
+        self.routing_key = routing_key
         self.backend = backend or CudaBackend()
         self.enabled = graphs_enabled_by_env()
         self.entries: dict[tuple, _Entry] = {}
         self.refused: set[tuple] = set()
         self.warm: set[tuple] = set()  # signatures captured in an earlier run: no eager warm-up call needed
+        self._module_check: dict[int, bool] = {}
         self.captures = 0
         self.replays = 0
 
@@ -95,7 +99,32 @@ class GraphRunner:
         """Forget every graph and its memory (end of a sampling run)."""
         self.entries.clear()
         self.refused.clear()
+        self._module_check.clear()
         self.backend.reset()
+
+    # --- eligibility -------------------------------------------------------------------------------
+    def _modules_plain(self, unet) -> bool:
+        """No layer casts or patches its weights per call (ComfyUI's lowvram / weight_function path)."""
+        cached = self._module_check.get(id(unet))
+        if cached is None:
+            cached = not any(getattr(m, "comfy_cast_weights", False) or getattr(m, "weight_function", None)
+                             or getattr(m, "bias_function", None) for m in unet.modules())
+            self._module_check = {id(unet): cached}
+        return cached
+
+    def eligible(self, unet, x, control, transformer_options: Mapping, wrappers: int = 1) -> bool:
+        """Whether a call may be graphed; ``wrappers`` = DIFFUSION_MODEL wrappers the caller accounts for."""
+        if not self.enabled or control is not None or torch.is_grad_enabled():
+            return False
+        if not self.backend.available(x):
+            return False
+        if any(transformer_options.get(key) for key in BLOCKING_OPTIONS):
+            return False
+        found = comfy.patcher_extension.get_all_wrappers(
+            comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, transformer_options)
+        if len(found) != wrappers:
+            return False
+        return self._modules_plain(unet)
 
     @staticmethod
     def signature(tensors: Mapping[str, torch.Tensor | None], *extra) -> tuple:
@@ -112,8 +141,7 @@ class GraphRunner:
         without graphs (first call, refused signatures, failed captures)."""
         if key in self.refused:
             return eager()
-        if self.stage is not None:
-            self.stage(tensors["x"].device, tensors["x"].dtype)
+        self.stage_rows(tensors["x"].device, tensors["x"].dtype)
         entry = self.entries.setdefault(key, _Entry())
         entry.seen += 1
         if entry.graph is None and entry.seen < 2 and key not in self.warm:
@@ -142,49 +170,6 @@ class GraphRunner:
         if isinstance(entry.output, tuple):
             return tuple(t.clone() for t in entry.output)
         return entry.output.clone()
-
-
-class GraphedUNet(GraphRunner):
-    """The DIFFUSION_MODEL wrapper (see the module docstring).
-
-    ``stage_rows(device, dtype)`` puts the current routing weights into static device buffers before a
-    capture or replay; ``routing_key()`` names the routing that a captured graph has baked in. The run's
-    engine passes both, so this module knows nothing else of it."""
-
-    def __init__(self, stage_rows: Callable[[torch.device, torch.dtype], None], routing_key: Callable[[], tuple],
-                 backend=None):
-        super().__init__(stage_rows, backend)
-        self.stage_rows = stage_rows
-        self.routing_key = routing_key
-        self._module_check: dict[int, bool] = {}
-
-    def reset(self) -> None:
-        super().reset()
-        self._module_check.clear()
-
-    # --- eligibility -------------------------------------------------------------------------------
-    def _modules_plain(self, unet) -> bool:
-        """No layer casts or patches its weights per call (ComfyUI's lowvram / weight_function path)."""
-        cached = self._module_check.get(id(unet))
-        if cached is None:
-            cached = not any(getattr(m, "comfy_cast_weights", False) or getattr(m, "weight_function", None)
-                             or getattr(m, "bias_function", None) for m in unet.modules())
-            self._module_check = {id(unet): cached}
-        return cached
-
-    def eligible(self, unet, x, control, transformer_options: Mapping, wrappers: int = 1) -> bool:
-        """Whether a call may be graphed; ``wrappers`` = DIFFUSION_MODEL wrappers the caller accounts for."""
-        if not self.enabled or control is not None or torch.is_grad_enabled():
-            return False
-        if not self.backend.available(x):
-            return False
-        if any(transformer_options.get(key) for key in BLOCKING_OPTIONS):
-            return False
-        found = comfy.patcher_extension.get_all_wrappers(
-            comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, transformer_options)
-        if len(found) != wrappers:
-            return False
-        return self._modules_plain(unet)
 
     # --- the wrapper -------------------------------------------------------------------------------
     def __call__(self, executor, *args, **kwargs):

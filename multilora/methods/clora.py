@@ -47,12 +47,11 @@ from ..host.attention_capture import (
     cross_attention_sites,
     install_capture,
 )
-from ..host.cuda_graphs import GraphRunner
 from ..host.engine import build_engine
 from ..host.feature_cache import CheckpointedUNet
 from ..host.onthefly import ROUTING_KEY, OnTheFlyLoras
+from .clora_direct import RECORD_KEY, CallRecorder, RecordedCall, plain_conds
 from .clora_gradient import gradient_ready  # looked up here at each pass: benchmarks swap it
-from .clora_graphs import RECORD_KEY, CallRecorder, RecordedCall, plain_conds
 from .clora_prompts import NODE, Variant, build_variants, encode, routing_table, split_rows  # noqa: F401 (re-exported)
 from .clora_sampler import clora_sampler, refine_steps  # noqa: F401 (re-exported)
 from .clora_settings import HALVES_BOTH, MASK_OWN, CloraRecord, CloraSettings, check_variant_settings
@@ -98,8 +97,7 @@ class CloraGuider(comfy.samplers.CFGGuider):
         self._schedule_source = None
         self._schedule: list[float] | None = None
         self._kept: KeptPredictions | None = None  # set by an update, used by the next step's first call
-        self._recorded: RecordedCall | None = None  # the run's gradient-pass model call (clora_graphs)
-        self._graphs = GraphRunner()
+        self._recorded: RecordedCall | None = None  # the run's gradient-pass model call (clora_direct)
 
     def _capture_levels(self) -> dict:
         """Cross-attention site → level of this guider's UNet (its structure does not change)."""
@@ -209,21 +207,13 @@ class CloraGuider(comfy.samplers.CFGGuider):
         return total
 
     def _direct_value_and_gradient(self, x: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(L, ∇ₓL) through the recorded model call (clora_graphs); replayed from a CUDA graph on the GPU."""
+        """(L, ∇ₓL) through the recorded model call (clora_direct), without calc_cond_batch's per-pass work."""
         recorded = self._recorded
-
-        def body(x_in: torch.Tensor, sigma_in: torch.Tensor):
-            latent = x_in.detach().clone().requires_grad_(True)  # inference tensors cannot require grad
-            recorded.run(latent, sigma_in.detach().clone())
-            value = self._contrastive(self.variant_maps(recorded.capture), latent.shape[0], latent)
-            (grad,) = torch.autograd.grad(value, latent)
-            return value.detach(), grad.detach()
-        x, sigma = x.detach(), sigma.detach()
-        if not (self._graphs.enabled and self._graphs.backend.available(x)):
-            return body(x, sigma)
-        tensors = {"x": x, "sigma": sigma}
-        return self._graphs.run(self._graphs.signature(tensors, "clora gradient"), tensors,
-                                lambda i: body(i["x"], i["sigma"]), lambda: body(x, sigma))
+        latent = x.detach().clone().requires_grad_(True)  # inference tensors cannot require grad
+        recorded.run(latent, sigma.detach().clone())
+        value = self._contrastive(self.variant_maps(recorded.capture), latent.shape[0], latent)
+        (grad,) = torch.autograd.grad(value, latent)
+        return value.detach(), grad.detach()
 
     @contextlib.contextmanager
     def gradient_pass(self):
@@ -242,8 +232,8 @@ class CloraGuider(comfy.samplers.CFGGuider):
 
     @contextlib.contextmanager
     def weight_aliases_kept(self):
-        """Reuse the gradient passes' weight aliases, recorded call and graphs over the block (one sampling run),
-        then drop them."""
+        """Reuse the gradient passes' weight aliases and recorded call over the block (one sampling run), then drop
+        them."""
         previous = self._aliases
         self._aliases = {} if previous is None else previous
         try:
@@ -252,7 +242,6 @@ class CloraGuider(comfy.samplers.CFGGuider):
             self._aliases = previous
             if previous is None:
                 self._recorded = None
-                self._graphs.reset()
 
     def _value_and_gradient(self, x: torch.Tensor, sigma: torch.Tensor, model_options: dict,
                             keep_predictions: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

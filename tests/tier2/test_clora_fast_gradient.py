@@ -4,7 +4,7 @@ Straightforward path (the first implementation, kept as ``gradient_ready(share_w
 path copies every weight and bias per forward (identity weight/bias functions) and the UNet runs to its end.
 Fast path: the inference-mode weights are shared through normal-tensor aliases (no copies, ops on their plain
 forward), the engine stays on its hooks, the UNet call stops after the last attention-capture site, and passes
-after the first make the recorded model call directly (clora_graphs).
+after the first make the recorded model call directly (clora_direct).
 Both run the same kernels on the same values along every path that reaches the loss, so the loss, ∇ₓL and the
 updated latent are compared bit for bit (atol = rtol = 0).
 """

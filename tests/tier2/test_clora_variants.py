@@ -174,7 +174,7 @@ def test_mask_source_own_variant_takes_each_loras_own_maps(ml, world):
 
 def count_model_calls(model):
     """A clone of ``model`` counting UNet calls: (all, with uncond chunks). Gradient passes after a run's first
-    go straight to apply_model (clora_graphs), so the count is taken there, not at calc_cond_batch."""
+    go straight to apply_model (clora_direct), so the count is taken there, not at calc_cond_batch."""
     clone = model.clone()
     calls = {"all": 0, "full": 0}
 

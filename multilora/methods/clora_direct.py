@@ -1,4 +1,4 @@
-"""CLoRA's gradient passes as one direct model call, replayed from a CUDA graph on the GPU.
+"""CLoRA's gradient passes as one direct model call.
 
 A latent update evaluates (L, ∇ₓL) many times with the same shapes (20 refinement iterations at one σ, then one
 update per early step): only x and σ change, and the eager passes are launch-bound (docs/benchmarking.md). So:
@@ -8,8 +8,7 @@ update per early step): only x and σ change, and the eager passes are launch-bo
    transformer options, which hold the pass's attention capture.
 2. ``RecordedCall.run(x, σ)`` makes that same call directly: x repeated once per cond chunk, σ likewise, as
    ``calc_cond_batch`` builds them for full-area conds. The guider computes the same loss from the capture, so the
-   pass equals the recorded one (tested on the CPU).
-3. On CUDA the guider records x, σ → (L, ∇ₓL) once as a graph (``host.cuda_graphs.GraphRunner``) and replays it.
+   pass equals the recorded one (tested), and the fixed shapes make the pass a candidate for CUDA-graph replay.
 
 A pass is recorded only when it is one plain call: full-area conds without masks, timestep ranges, hooks or
 ControlNet, not split by ComfyUI for memory. Anything else keeps the ``calc_cond_batch`` path. Host module.
