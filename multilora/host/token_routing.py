@@ -31,6 +31,8 @@ import logging
 
 import torch
 
+import comfy.patcher_extension
+
 from ..core.regions import (
     TEXT_ALL,
     RegionError,
@@ -80,6 +82,28 @@ def refuse_reference_latents(diffusion_model: torch.nn.Module, conditionings, no
             if isinstance(entry, (list, tuple)) and len(entry) > 1 and isinstance(entry[1], dict) \
                     and entry[1].get("reference_latents"):
                 raise RegionError(reference_latents_message(node))
+
+
+class ReferenceLatentCheck:
+    """OUTER_SAMPLE wrapper of a regional clone on a Lumina-family model: the guider's conds (any sampler node) are
+    checked for reference latents when sampling starts, before the first step, since a model patch never sees the
+    conditioning before that."""
+
+    KEY = "multilora_regional_reference_check"
+
+    def __init__(self, node: str):
+        self.node = node
+
+    def __call__(self, executor, *args, **kwargs):
+        conds = getattr(getattr(executor, "class_obj", None), "conds", None)
+        for entries in (conds.values() if isinstance(conds, dict) else ()):
+            if any(isinstance(entry, dict) and entry.get("reference_latents") for entry in entries or ()):
+                raise RegionError(reference_latents_message(self.node))
+        return executor(*args, **kwargs)
+
+    def install(self, patcher) -> None:
+        if model_family(patcher.model.diffusion_model) == LUMINA:
+            patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, self.KEY, self)
 
 
 def caption_multiple(diffusion_model: torch.nn.Module) -> int:

@@ -22,7 +22,7 @@ import torch
 from ..core.regions import TEXT_ALL, TEXT_POLICIES, RegionError, normalize_regions
 from ..core.stack import LoraRow
 from ..host.engine import build_engine, clone_with_engine
-from ..host.token_routing import TokenRouter, caption_multiple, model_family, token_roles
+from ..host.token_routing import ReferenceLatentCheck, TokenRouter, caption_multiple, model_family, token_roles
 
 
 def check_masks(rows: Sequence[LoraRow], masks: Sequence[torch.Tensor | None], node: str,
@@ -47,7 +47,15 @@ def regional_model(model, rows: Sequence[LoraRow], masks: Sequence[torch.Tensor 
                    feather: float = 0.0, text_tokens: str = TEXT_ALL):
     """A clone of ``model`` that samples with ``rows`` routed per token by ``masks`` (one per row, None =
     everywhere; any resolution, resized to each call's latent)."""
-    return clone_with_engine(model, regional_engine(model, rows, masks, node, feather, text_tokens))
+    return regional_clone(model, regional_engine(model, rows, masks, node, feather, text_tokens), node)
+
+
+def regional_clone(model, engine, node: str):
+    """A clone of ``model`` with a regional ``engine`` installed, and the check that refuses a Z-Image conditioning
+    with reference latents when sampling starts (``ReferenceLatentCheck``)."""
+    clone = clone_with_engine(model, engine)
+    ReferenceLatentCheck(node).install(clone)
+    return clone
 
 
 def regional_engine(model, rows: Sequence[LoraRow], masks: Sequence[torch.Tensor | None], node: str,

@@ -37,9 +37,8 @@ from ..core.routing import sample_sigmas_of_call, sigma_of_call, step_index
 from ..core.stack import LoraRow
 from ..host.attention_capture import ConceptAttention, capture_level, capture_size, cross_attention_levels, install_capture
 from ..host.dit_attention import DiTConceptAttention, NextDiTConceptAttention
-from ..host.engine import clone_with_engine
 from ..host.token_routing import caption_multiple, model_family
-from .regional import regional_engine
+from .regional import regional_clone, regional_engine
 
 MASKS_DRAWN = "connected masks"
 MASKS_ATTENTION = "concept attention"
@@ -265,7 +264,7 @@ def auto_regional_model(model, rows: Sequence[LoraRow], masks: Sequence[torch.Te
     engine = regional_engine(model, rows, masks, node, feather, text_tokens)
     auto = AutoRegions(engine.token_router, diffusion_model, family, masks, chosen, positions, groups, phases,
                        threshold, feather, [r.name for r in rows], node)
-    clone = clone_with_engine(model, engine)
+    clone = regional_clone(model, engine, node)
     auto.install(clone)
     return clone, auto
 

@@ -18,6 +18,7 @@ import folder_paths
 import nodes
 
 from support import lora_files, tiny_models
+from support.layer_records import layer_outputs, run_wrapped
 
 KINDS = ("sd15", "sdxl", "flux")
 FORMAT = {"sd15": "kohya", "sdxl": "kohya", "flux": "diffusers"}
@@ -45,32 +46,6 @@ def halves(size=SIZE):
     left = torch.zeros(size, size)
     left[:, : size // 2] = 1.0
     return left, 1.0 - left
-
-
-def run_wrapped(clone, engine, patcher, x, sigma, cond, inputs=None, outputs=None, paths=None):
-    """One apply_model call through the clone's wrappers (as a sampler makes it), recording each targeted
-    layer's input and final output (after the engine's hook) into the dicts given."""
-    handles = []
-    with engine.attached(patcher.model), torch.no_grad():
-        try:
-            for path in (paths or engine.layers):
-                module = comfy.utils.get_attr(patcher.model, path)
-                if inputs is not None:
-                    handles.append(module.register_forward_pre_hook(
-                        lambda m, args, p=path: inputs.__setitem__(p, args[0].detach().clone())))
-                if outputs is not None:
-                    handles.append(module.register_forward_hook(
-                        lambda m, args, out, p=path: outputs.__setitem__(p, out.detach().clone())))
-            return patcher.model.apply_model(x, sigma, transformer_options={"wrappers": clone.wrappers}, **cond)
-        finally:
-            for h in handles:
-                h.remove()
-
-
-def layer_outputs(patcher, reference, inputs):
-    """Each targeted layer applied to its recorded input with ``reference``'s merged weights."""
-    with tiny_models.patched(reference), torch.no_grad():
-        return {p: comfy.utils.get_attr(patcher.model, p)(x) for p, x in inputs.items()}
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -102,15 +77,15 @@ def test_each_token_of_each_layer_gets_only_its_regions_lora(comfy_state, ml, mo
     clone = ml("methods.regional").regional_model(patcher, rows, list(halves()), "test")
     engine = lora_files.engine_of(clone, ml)
     x, sigma, cond = tiny_models.make_inputs(kind, batch=2, seed=6, size=SIZE)
-    inputs, outputs = {}, {}
-    run_wrapped(clone, engine, patcher, x, sigma, cond, inputs, outputs)
-    ref_a = layer_outputs(patcher, lora_files.merged_by_comfy(patcher, names[:1], STRENGTHS[:1]), inputs)
-    ref_b = layer_outputs(patcher, lora_files.merged_by_comfy(patcher, names[1:], STRENGTHS[1:]), inputs)
-    ref_ab = layer_outputs(patcher, lora_files.merged_by_comfy(patcher, names, STRENGTHS), inputs)
+    record = {}
+    run_wrapped(clone, engine, patcher, x, sigma, cond, record)
+    ref_a = layer_outputs(patcher, lora_files.merged_by_comfy(patcher, names[:1], STRENGTHS[:1]), record)
+    ref_b = layer_outputs(patcher, lora_files.merged_by_comfy(patcher, names[1:], STRENGTHS[1:]), record)
+    ref_ab = layer_outputs(patcher, lora_files.merged_by_comfy(patcher, names, STRENGTHS), record)
     roles = engine.token_router.roles
     text_tokens = cond["c_crossattn"].shape[1]
     checked = {"conv": 0, "image": 0, "text": 0, "joint": 0}
-    for path, got in outputs.items():
+    for path, (_, got) in record.items():
         a, b, ab = ref_a[path], ref_b[path], ref_ab[path]
         if got.ndim == 2:
             continue  # vector layers (timestep, modulation): per-row weights, covered by the stack tests
@@ -150,13 +125,13 @@ def test_text_tokens_policy_none_leaves_regional_loras_off_the_text(comfy_state,
     clone = ml("methods.regional").regional_model(patcher, rows, [left, None], "test", text_tokens="no LoRA")
     engine = lora_files.engine_of(clone, ml)
     x, sigma, cond = tiny_models.make_inputs("flux", batch=1, seed=7, size=SIZE)
-    inputs, outputs = {}, {}
+    record = {}
     txt = [p for p in engine.layers if engine.token_router.roles[p] == "text"]
-    run_wrapped(clone, engine, patcher, x, sigma, cond, inputs, outputs, txt)
-    ref_b = layer_outputs(patcher, lora_files.merged_by_comfy(patcher, names[1:], STRENGTHS[1:]), {p: inputs[p] for p in txt})
+    run_wrapped(clone, engine, patcher, x, sigma, cond, record, txt)
+    ref_b = layer_outputs(patcher, lora_files.merged_by_comfy(patcher, names[1:], STRENGTHS[1:]), record)
     assert txt
     for p in txt:  # row b has no region: it stays on the text; row a (regional) is off there
-        torch.testing.assert_close(outputs[p], ref_b[p], atol=ATOL, rtol=RTOL, msg=p)
+        torch.testing.assert_close(record[p][1], ref_b[p], atol=ATOL, rtol=RTOL, msg=p)
 
 
 def test_regional_model_leaves_the_input_model_untouched(comfy_state, ml, models):

@@ -33,6 +33,7 @@ import folder_paths
 import nodes
 
 from support import lora_files, tiny_models
+from support.layer_records import layer_outputs, run_wrapped
 
 H, W = 16, 12
 STRENGTHS = (0.8, 1.3)
@@ -68,27 +69,6 @@ def inputs(batch=2, seed=6):
     x = torch.randn((batch, 16, H, W), generator=gen)
     cap = torch.randn((batch, tiny_models.ZIMAGE_TEXT_TOKENS, tiny_models.ZIMAGE_CAP_DIM), generator=gen)
     return x, torch.full((batch,), 0.5), {"c_crossattn": cap, "num_tokens": tiny_models.ZIMAGE_TEXT_TOKENS}
-
-
-def run_wrapped(clone, engine, patcher, x, sigma, cond, record=None, paths=None):
-    """One apply_model call through the clone's wrappers, recording each targeted layer's (input, output)."""
-    handles = []
-    with engine.attached(patcher.model), torch.no_grad():
-        try:
-            for path in (paths or engine.layers) if record is not None else ():
-                module = comfy.utils.get_attr(patcher.model, path)
-                handles.append(module.register_forward_hook(
-                    lambda m, args, out, p=path: record.__setitem__(p, (args[0].detach().clone(), out.detach().clone()))))
-            return patcher.model.apply_model(x, sigma, transformer_options={"wrappers": clone.wrappers}, **cond)
-        finally:
-            for h in handles:
-                h.remove()
-
-
-def layer_outputs(patcher, reference, record):
-    """Each recorded layer applied to its recorded input with ``reference``'s merged weights."""
-    with tiny_models.patched(reference), torch.no_grad():
-        return {p: comfy.utils.get_attr(patcher.model, p)(x) for p, (x, _) in record.items()}
 
 
 def test_layout_roles_and_token_counts(ml, patcher, names):
@@ -266,6 +246,33 @@ def test_sampler_node_refuses_reference_latents_before_sampling(ml, patcher, nam
                      latent_image={"samples": torch.zeros(1, 16, H, W)}, denoise=1.0, mask_1=halves()[0])
     assert calls == [] and patcher.wrappers == {}
     assert "reference_latents" not in negative[0][1]
+
+
+@pytest.mark.parametrize("mask_from", ["connected masks", "concept attention"])
+def test_patch_node_refuses_reference_latents_when_any_sampler_starts(comfy_state, ml, patcher, names, mask_from):
+    """Regional LoRA (model patch) meets the conditioning only in the sampler: ComfyUI's own KSampler on the patched
+    model stops with the named error when sampling starts, before any model call, and leaves nothing patched."""
+    if mask_from == "connected masks":
+        node = nodes.NODE_CLASS_MAPPINGS["MultiLoRARegional"]
+        stack = ml("core.stack").LoraStack(tuple(rows_of(ml, names)))
+        (patched,) = node.execute(model=patcher, lora_stack=stack, mask_from=mask_from, mask_1=halves()[0]).result
+    else:  # what the node runs for it, with a tokenizer stand-in for the CLIP input
+        auto = ml("methods.regional_auto")
+        patched, _ = auto.auto_regional_model(patcher, auto_rows(ml, names), [], "Regional LoRA", ZImageTokens(), PROMPT,
+                                              ml("core.auto_masks").AutoMaskPhases(2, 0))
+    positive = [[t, {**e, "reference_latents": [torch.zeros(1, 16, H, W)]}]
+                for t, e in tiny_models.make_conditioning("zimage", seed=1)]
+    calls = []
+    handle = patcher.model.diffusion_model.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(ml("core.regions").RegionError,
+                           match=r"^Regional LoRA: the conditioning holds reference latents \(Z-Image omni / edit mode\)"):
+            nodes.KSampler().sample(patched, 3, 4, 4.0, "euler", "simple", positive,
+                                    tiny_models.make_conditioning("zimage", seed=2),
+                                    {"samples": torch.zeros(1, 16, H, W)})
+    finally:
+        handle.remove()
+    assert calls == [] and patcher.wrappers == {}
 
 
 def test_lumina2_same_code_no_pads_and_grouped_query_attention(comfy_state, ml):
