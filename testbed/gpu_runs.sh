@@ -12,6 +12,8 @@
 #                                        # one call: both bases continued from W (BASE_SECONDS; SEED, default 1: give
 #                                        # each continuation its own so the batches differ), then the 10 LoRAs on
 #                                        # them (LORA_SECONDS; 0 = bases only)
+#   bash testbed/gpu_runs.sh profile OUT # each base alone: steps/s at batch 256 (PROFILE_STEPS, default 20) and
+#                                        # the operators taking the device time (train.py --profile); saves nothing
 #   bash testbed/gpu_runs.sh eval OUT W ARCH
 #                                        # every method, k = 1..4, 40 prompts × 4 seeds, as parallel processes
 #                                        # (evaluate_parallel.py) on testbed ARCH (unet or dit); OUT/eval-ARCH
@@ -19,7 +21,7 @@
 # base/loras leave OUT/w.tar (the weights, the layout of testbed/weights) and OUT/logs.tar; with COPY_TO=$OUT they
 # are copied there, the weights split in 12 MB parts (the device tool brings back at most 8 files of 16 MiB). Unpack w.tar over testbed/weights.
 set -euo pipefail
-stage=${1:?base, loras or eval}
+stage=${1:?base, loras, all, resume, profile or eval}
 out=${2:?output folder}
 mkdir -p "$out/w" "$out/logs"
 w="$out/w"
@@ -98,12 +100,20 @@ loras)
     grep -h -A 5 "### k = 1" "$out"/logs/check_*/results.md || true
     pack
     ;;
+profile)
+    for arch in unet dit; do
+        "$py" testbed/train.py --stage base --arch "$arch" --out "$w" --profile "${PROFILE_STEPS:-20}" \
+            > "$out/logs/profile_$arch.log" 2>&1 || true
+        grep -v "^WARNING" "$out/logs/profile_$arch.log" | head -n 40
+    done
+    if [ -n "${COPY_TO:-}" ]; then cp "$out"/logs/profile_*.log "$COPY_TO"/; fi
+    ;;
 eval)
     "$py" testbed/evaluate_parallel.py --arch "${4:?unet or dit}" --out "$out/eval-$4" --max-seconds 500 \
         ${3:+--weights "$3"}
     ;;
 *)
-    echo "unknown stage '$stage': use base, loras or eval" >&2
+    echo "unknown stage '$stage': use base, loras, all, resume, profile or eval" >&2
     exit 2
     ;;
 esac

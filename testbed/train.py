@@ -4,6 +4,7 @@
     python testbed/train.py --stage base --arch unet|dit --out DIR [--base-seconds S]
     python testbed/train.py --stage loras --arch unet|dit --out DIR --resume DIR --loras-only CATEGORY ...
     python testbed/train.py ... --smoke        # a few steps of tiny batches on the CPU, to check the plumbing
+    python testbed/train.py --stage base --arch unet|dit --out DIR --profile 20   # steps/s and the top operators
 
 ``testbed/gpu_runs.sh`` runs these as two device calls. Everything is seeded (data generator, init, dropout), so
 a run is reproducible up to GPU kernel non-determinism. Outputs (``objectives.folder``): the UNet's unet/clip/
@@ -87,16 +88,59 @@ def mean_loss(losses) -> float:
     return float(torch.stack(losses[-100:]).mean()) if losses else float("nan")
 
 
-def train_base(arch, patcher, clip, steps, batch_size, seconds, gen, device, log, peak_lr=3e-4):
-    """Train ``arch``'s model and the text encoder's layers on base captions; the EMA weights end in the model."""
+def base_step(arch, patcher, clip, captions, opt, params, batch_size, gen, device) -> torch.Tensor:
+    """One optimiser step of the base on a fresh batch; returns the loss (not synced)."""
+    images, texts = batch(gen, batch_size, device)
+    context, pooled = comfy_model.encode_ids_pooled(clip, captions.rows(texts))
+    loss = objectives.denoise_loss(arch, patcher, objectives.to_model_space(arch, images.to(device)),
+                                   context.to(device), pooled.to(device), gen, device)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    return loss.detach()
+
+
+def base_params(patcher, clip, device) -> list[torch.nn.Parameter]:
+    """The trained parameters: the whole diffusion model and the text encoder but its embedding table."""
     dm = patcher.model.diffusion_model.to(device)
     text = clip.cond_stage_model.to(device)
-    captions = Captions(clip)
     for p in dm.parameters():
         p.requires_grad_(True)  # ComfyUI ≥ 0.33 builds its weights with requires_grad off
     for n, p in text.named_parameters():
         p.requires_grad_("token_embedding" not in n)
-    params = list(dm.parameters()) + [p for n, p in text.named_parameters() if "token_embedding" not in n]
+    return list(dm.parameters()) + [p for n, p in text.named_parameters() if "token_embedding" not in n]
+
+
+def profile_base(arch, patcher, clip, steps, batch_size, gen, device) -> None:
+    """Steps per second of ``steps`` base steps after 5 warm-up steps, then the operators that take the time over
+    5 more (torch.profiler, by device time on CUDA); nothing is saved."""
+    params = base_params(patcher, clip, device)
+    opt, captions = torch.optim.AdamW(params, lr=1e-5), Captions(clip)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(5):
+        base_step(arch, patcher, clip, captions, opt, params, batch_size, gen, device)
+    sync()
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
+                                                         if device.type == "cuda" else [])
+    start = time.perf_counter()
+    for _ in range(steps):
+        base_step(arch, patcher, clip, captions, opt, params, batch_size, gen, device)
+    sync()
+    seconds = time.perf_counter() - start
+    print(f"{arch} base: {steps / seconds:.2f} steps/s at batch {batch_size}", flush=True)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(min(steps, 5)):
+            base_step(arch, patcher, clip, captions, opt, params, batch_size, gen, device)
+        sync()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=25), flush=True)
+
+
+def train_base(arch, patcher, clip, steps, batch_size, seconds, gen, device, log, peak_lr=3e-4):
+    """Train ``arch``'s model and the text encoder's layers on base captions; the EMA weights end in the model."""
+    captions = Captions(clip)
+    params = base_params(patcher, clip, device)
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=peak_lr, weight_decay=0.01)
     start, losses, step = time.perf_counter(), [], 0
@@ -105,16 +149,9 @@ def train_base(arch, patcher, clip, steps, batch_size, seconds, gen, device, log
         if progress >= 1:
             print(f"{arch} base: time budget reached at step {step}", flush=True)
             break
-        images, texts = batch(gen, batch_size, device)
-        context, pooled = comfy_model.encode_ids_pooled(clip, captions.rows(texts))
-        loss = objectives.denoise_loss(arch, patcher, objectives.to_model_space(arch, images.to(device)),
-                                       context.to(device), pooled.to(device), gen, device)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, progress, peak_lr)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        loss = base_step(arch, patcher, clip, captions, opt, params, batch_size, gen, device)
         with torch.no_grad():
             decay = min(0.999, (1 + step) / (10 + step))
             torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
@@ -235,6 +272,8 @@ def main():
     parser.add_argument("--loras-only", nargs="+", metavar="CATEGORY", default=list(world.CATEGORIES),
                         help="LoRAs to train (stage loras)")
     parser.add_argument("--smoke", action="store_true", help="tiny run on the CPU")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="stage base: time and profile STEPS steps (after 5 warm-up steps), save nothing")
     args = parser.parse_args()
     if args.smoke:
         args.base_steps, args.lora_steps, args.detector_steps, args.batch, args.lora_batch = 3, 2, 20, 4, 2
@@ -262,6 +301,9 @@ def main():
             log["resumed_from"] = args.resume
         else:
             patcher, clip = objectives.build(args.arch, device)
+        if args.profile:
+            profile_base(args.arch, patcher, clip, args.profile, args.batch, gen, device)
+            return
         train_base(args.arch, patcher, clip, args.base_steps, args.batch, args.base_seconds, gen, device, log,
                    args.base_lr)
         objectives.save_base(args.arch, patcher, clip, args.out)

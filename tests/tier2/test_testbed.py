@@ -145,3 +145,20 @@ def test_engine_with_a_testbed_lora_equals_comfy_merge(ml, tb, trained, arch, tm
                                 disable_pbar=True) for m in (ours, merged, model)]
     torch.testing.assert_close(outs[0], outs[1], atol=2e-3, rtol=2e-3)
     assert (outs[1] - outs[2]).abs().max() > 1e-3  # the LoRA changes the image
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_base_training_steps_and_the_profile_stage_run_on_the_cpu(tb, arch, capsys):
+    """train.py's base loop (3 steps at batch 2) moves the weights and logs finite losses; --profile's stage times
+    its steps and lists the operators, on the same step function."""
+    train, objectives = tb["train"], tb["objectives"]
+    patcher, clip = objectives.build(arch, torch.device("cpu"))
+    before = [p.detach().clone() for p in patcher.model.diffusion_model.parameters()]
+    log, gen = {}, torch.Generator().manual_seed(0)
+    train.train_base(arch, patcher, clip, 3, 2, float("inf"), gen, torch.device("cpu"), log)
+    assert log[f"{arch}_base"]["steps"] == 3 and torch.isfinite(torch.tensor(log[f"{arch}_base"]["loss_last_100"]))
+    after = list(patcher.model.diffusion_model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, after))
+    train.profile_base(arch, patcher, clip, 1, 2, gen, torch.device("cpu"))
+    printed = capsys.readouterr().out
+    assert f"{arch} base: " in printed and "steps/s at batch 2" in printed and "Self CPU" in printed
