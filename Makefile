@@ -84,9 +84,11 @@ browser-tools: $(BROWSER_STAMP)
 APT_CHROMIUM := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends --no-upgrade \
 	chromium chromium-driver
 
+# apt-get -s prints an upgrade as "Inst name [installed version] (new version … [arch])", a new package as
+# "Inst name (version … [arch])": only a bracket right after the name is an upgrade.
 $(CHROMIUM):
 	$(SUDO) apt-get update -q
-	@if $(APT_CHROMIUM) -s | grep '^Inst .* \['; then \
+	@if $(APT_CHROMIUM) -s | grep -E '^Inst [^ ]+ \['; then \
 		echo "chromium would upgrade the installed packages above; install it yourself and run make again"; \
 		exit 1; fi
 	$(APT_CHROMIUM)
