@@ -61,7 +61,6 @@ class OnTheFlyLoras:
         self._backups: dict[str, _Backup] = {}
         self.merges = 0
         self._staged: dict = {}
-        self._device_rows: dict = {}  # (device, dtype, shape, values) → rows on the device, for the run
         self._hooked_ids: dict[frozenset[int], int] = {}
         self._merge_groups: dict = {}  # device -> (MergeGroup list, per-layer paths): factors stacked once
         self._grouped: tuple[list, list[str]] | None = None  # this run's groups with their W₀ backups
@@ -114,22 +113,9 @@ class OnTheFlyLoras:
         if rows is None:
             # Convert from a staged buffer on the device where there is one: no host copy in a CUDA graph.
             staged = next((t for (d, _), t in self._rows_cast.items() if d == device), None)
-            rows = staged.to(dtype) if staged is not None else self._device_copy(device, dtype)
+            rows = staged.to(dtype) if staged is not None else self._rows.to(device=device, dtype=dtype)
             self._rows_cast[key] = rows
         return rows
-
-    def _device_copy(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """The call's rows on ``device``: one host-to-device copy per distinct value for the run, so a CUDA graph
-        captured around a whole model call (CLoRA's gradient pass) finds the copy that its eager warm-up made.
-        Nothing writes these tensors (staged buffers are separate)."""
-        rows = self._rows
-        if rows.device == device or rows.requires_grad:
-            return rows.to(device=device, dtype=dtype)
-        key = (device, dtype, tuple(rows.shape), rows.to(torch.float64).numpy().tobytes())
-        found = self._device_rows.get(key)
-        if found is None:
-            found = self._device_rows[key] = rows.to(device=device, dtype=dtype)
-        return found
 
     def hooked_layers_id(self, active: frozenset[int]) -> int:
         """A small id of the set of layers whose hooks act when LoRAs ``active`` are routed (cached)."""
@@ -209,7 +195,6 @@ class OnTheFlyLoras:
                 self._attached -= 1
             self.graphs.reset()
             self._staged.clear()
-            self._device_rows.clear()
             self.restore_weights()
             self._mergeable_cache = {}  # the next run may load the model otherwise (lowvram, dynamic VRAM)
 
