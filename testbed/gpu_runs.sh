@@ -13,7 +13,10 @@
 #                                        # each continuation its own so the batches differ), then the 10 LoRAs on
 #                                        # them (LORA_SECONDS; 0 = bases only)
 #   bash testbed/gpu_runs.sh profile OUT # each base alone: steps/s at batch 256 (PROFILE_STEPS, default 20) and
-#                                        # the operators taking the device time (train.py --profile); saves nothing
+#                                        # the operators taking the device time (train.py --profile); saves nothing;
+#                                        # COMPILE=1: then the same under torch.compile (resume takes COMPILE=1 too)
+#   bash testbed/gpu_runs.sh eval-both OUT [W]
+#                                        # eval on both testbeds in one call (EVAL_SECONDS per job, default 480)
 #   bash testbed/gpu_runs.sh eval OUT W ARCH
 #                                        # every method, k = 1..4, 40 prompts × 4 seeds, as parallel processes
 #                                        # (evaluate_parallel.py) on testbed ARCH (unet or dit); OUT/eval-ARCH
@@ -21,7 +24,7 @@
 # base/loras leave OUT/w.tar (the weights, the layout of testbed/weights) and OUT/logs.tar; with COPY_TO=$OUT they
 # are copied there, the weights split in 12 MB parts (the device tool brings back at most 8 files of 16 MiB). Unpack w.tar over testbed/weights.
 set -euo pipefail
-stage=${1:?base, loras, all, resume, profile or eval}
+stage=${1:?base, loras, all, resume, profile, eval or eval-both}
 out=${2:?output folder}
 mkdir -p "$out/w" "$out/logs"
 w="$out/w"
@@ -69,8 +72,13 @@ resume)
     src=${3:?weights folder with the bases}
     cp -r "$src"/. "$w"/
     for arch in unet dit; do
-        OMP_NUM_THREADS=$(threads 2) "$py" testbed/train.py --stage base --arch "$arch" --out "$w" --resume "$w" --seed "${SEED:-1}" \
-            --base-seconds "${BASE_SECONDS:-250}" > "$out/logs/base_$arch.log" 2>&1 &
+        # with COMPILE=1 a failed compilation falls back to an eager run of the same budget
+        { OMP_NUM_THREADS=$(threads 2) "$py" testbed/train.py --stage base --arch "$arch" --out "$w" --resume "$w" \
+              --seed "${SEED:-1}" --base-seconds "${BASE_SECONDS:-250}" ${COMPILE:+--compile} \
+              > "$out/logs/base_$arch.log" 2>&1 ||
+          { [ -n "${COMPILE:-}" ] && OMP_NUM_THREADS=$(threads 2) "$py" testbed/train.py --stage base --arch "$arch" \
+              --out "$w" --resume "$w" --seed "${SEED:-1}" --base-seconds "${BASE_SECONDS:-250}" \
+              > "$out/logs/base_${arch}_eager.log" 2>&1; }; } &
     done
     wait
     tail -n 2 "$out"/logs/base_*.log
@@ -103,17 +111,32 @@ loras)
 profile)
     for arch in unet dit; do
         "$py" testbed/train.py --stage base --arch "$arch" --out "$w" --profile "${PROFILE_STEPS:-20}" \
-            > "$out/logs/profile_$arch.log" 2>&1 || true
-        grep -v "^WARNING" "$out/logs/profile_$arch.log" | head -n 40
+            ${COMPILE:+--compile} > "$out/logs/profile_$arch.log" 2>&1 || true
+        grep -v "^WARNING" "$out/logs/profile_$arch.log" | head -n 90
     done
     if [ -n "${COPY_TO:-}" ]; then cp "$out"/logs/profile_*.log "$COPY_TO"/; fi
+    ;;
+eval-both)
+    # both testbeds in one call: the 14 jobs side by side, each within EVAL_SECONDS (default 480); results and
+    # sheets come back as eval-unet.tar / eval-dit.tar with COPY_TO
+    for arch in unet dit; do
+        "$py" testbed/evaluate_parallel.py --arch "$arch" --out "$out/eval-$arch" --max-seconds "${EVAL_SECONDS:-480}" \
+            ${3:+--weights "$3"} > "$out/eval_$arch.log" 2>&1 &
+    done
+    wait
+    for arch in unet dit; do
+        grep -v "^WARNING" "$out/eval_$arch.log" | tail -n 60
+        if [ -n "${COPY_TO:-}" ]; then
+            tar -C "$out" -cf "$COPY_TO/eval-$arch.tar" "eval-$arch" "eval_$arch.log"
+        fi
+    done
     ;;
 eval)
     "$py" testbed/evaluate_parallel.py --arch "${4:?unet or dit}" --out "$out/eval-$4" --max-seconds 500 \
         ${3:+--weights "$3"}
     ;;
 *)
-    echo "unknown stage '$stage': use base, loras, all, resume, profile or eval" >&2
+    echo "unknown stage '$stage': use base, loras, all, resume, profile, eval or eval-both" >&2
     exit 2
     ;;
 esac

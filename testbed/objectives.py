@@ -71,10 +71,24 @@ def save_base(arch: str, patcher, clip, root: str) -> dict:
     return state
 
 
-def denoise_loss(arch: str, patcher, x0: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor,
-                 gen: torch.Generator, device) -> torch.Tensor:
-    """The training loss of one batch in model space ``x0`` ([B,C,H,W]) — see the module docstring."""
+def model_forward(arch: str, patcher, compile: bool = False):
+    """``f(x, t, context, pooled) → prediction`` of ``arch``'s diffusion model with autograd; ``compile``
+    wraps it in ``torch.compile`` (compiled once per shape, on the first call)."""
     dm = patcher.model.diffusion_model
+    if arch == "unet":
+        def forward(x, t, context, pooled):
+            return dm(x, timesteps=t, context=context)
+    else:
+        def forward(x, t, context, pooled):
+            return dit_model.dit_forward(dm, x, t, context, pooled)
+    return torch.compile(forward) if compile else forward
+
+
+def denoise_loss(arch: str, patcher, x0: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor,
+                 gen: torch.Generator, device, forward=None) -> torch.Tensor:
+    """The training loss of one batch in model space ``x0`` ([B,C,H,W]) — see the module docstring;
+    ``forward`` is ``model_forward``'s callable (default: eager)."""
+    forward = forward or model_forward(arch, patcher)
     noise = torch.randn(x0.shape, generator=gen).to(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     if arch == "unet":
@@ -82,12 +96,12 @@ def denoise_loss(arch: str, patcher, x0: torch.Tensor, context: torch.Tensor, po
         t = torch.randint(0, len(sigmas), (x0.shape[0],), generator=gen).to(device)
         sigma = sigmas[t].view(-1, 1, 1, 1)
         with autocast:
-            pred = dm((x0 + sigma * noise) / torch.sqrt(sigma ** 2 + 1), timesteps=t.float(), context=context)
+            pred = forward((x0 + sigma * noise) / torch.sqrt(sigma ** 2 + 1), t.float(), context, pooled)
         return F.mse_loss(pred.float(), noise)
     sigma = torch.sigmoid(torch.randn(x0.shape[0], generator=gen)).to(device)
     s = sigma.view(-1, 1, 1, 1)
     with autocast:
-        pred = dit_model.dit_forward(dm, (1 - s) * x0 + s * noise, sigma, context, pooled)
+        pred = forward((1 - s) * x0 + s * noise, sigma, context, pooled)
     return F.mse_loss(pred.float(), noise - x0)
 
 

@@ -88,12 +88,13 @@ def mean_loss(losses) -> float:
     return float(torch.stack(losses[-100:]).mean()) if losses else float("nan")
 
 
-def base_step(arch, patcher, clip, captions, opt, params, batch_size, gen, device) -> torch.Tensor:
-    """One optimiser step of the base on a fresh batch; returns the loss (not synced)."""
+def base_step(arch, patcher, clip, captions, opt, params, batch_size, gen, device, forward=None) -> torch.Tensor:
+    """One optimiser step of the base on a fresh batch; returns the loss (not synced). ``forward``:
+    ``objectives.model_forward``'s callable (default: eager)."""
     images, texts = batch(gen, batch_size, device)
     context, pooled = comfy_model.encode_ids_pooled(clip, captions.rows(texts))
     loss = objectives.denoise_loss(arch, patcher, objectives.to_model_space(arch, images.to(device)),
-                                   context.to(device), pooled.to(device), gen, device)
+                                   context.to(device), pooled.to(device), gen, device, forward)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -112,34 +113,42 @@ def base_params(patcher, clip, device) -> list[torch.nn.Parameter]:
     return list(dm.parameters()) + [p for n, p in text.named_parameters() if "token_embedding" not in n]
 
 
-def profile_base(arch, patcher, clip, steps, batch_size, gen, device) -> None:
+def profile_base(arch, patcher, clip, steps, batch_size, gen, device, compile=False) -> None:
     """Steps per second of ``steps`` base steps after 5 warm-up steps, then the operators that take the time over
-    5 more (torch.profiler, by device time on CUDA); nothing is saved."""
+    5 more (torch.profiler, by device time on CUDA); nothing is saved. ``compile``: the model's forward under
+    ``torch.compile`` (the warm-up's time, which holds the compilation, is printed too)."""
     params = base_params(patcher, clip, device)
     opt, captions = torch.optim.AdamW(params, lr=1e-5), Captions(clip)
+    forward = objectives.model_forward(arch, patcher, compile)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    start = time.perf_counter()
     for _ in range(5):
-        base_step(arch, patcher, clip, captions, opt, params, batch_size, gen, device)
+        base_step(arch, patcher, clip, captions, opt, params, batch_size, gen, device, forward)
     sync()
+    print(f"{arch} base{' compiled' if compile else ''}: 5 warm-up steps {time.perf_counter() - start:.1f}s",
+          flush=True)
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
                                                          if device.type == "cuda" else [])
     start = time.perf_counter()
     for _ in range(steps):
-        base_step(arch, patcher, clip, captions, opt, params, batch_size, gen, device)
+        base_step(arch, patcher, clip, captions, opt, params, batch_size, gen, device, forward)
     sync()
     seconds = time.perf_counter() - start
-    print(f"{arch} base: {steps / seconds:.2f} steps/s at batch {batch_size}", flush=True)
+    print(f"{arch} base{' compiled' if compile else ''}: {steps / seconds:.2f} steps/s at batch {batch_size}",
+          flush=True)
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(min(steps, 5)):
-            base_step(arch, patcher, clip, captions, opt, params, batch_size, gen, device)
+            base_step(arch, patcher, clip, captions, opt, params, batch_size, gen, device, forward)
         sync()
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=25), flush=True)
 
 
-def train_base(arch, patcher, clip, steps, batch_size, seconds, gen, device, log, peak_lr=3e-4):
-    """Train ``arch``'s model and the text encoder's layers on base captions; the EMA weights end in the model."""
+def train_base(arch, patcher, clip, steps, batch_size, seconds, gen, device, log, peak_lr=3e-4, compile=False):
+    """Train ``arch``'s model and the text encoder's layers on base captions; the EMA weights end in the model.
+    ``compile``: the model's forward under ``torch.compile``."""
     captions = Captions(clip)
+    forward = objectives.model_forward(arch, patcher, compile)
     params = base_params(patcher, clip, device)
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=peak_lr, weight_decay=0.01)
@@ -151,7 +160,7 @@ def train_base(arch, patcher, clip, steps, batch_size, seconds, gen, device, log
             break
         for group in opt.param_groups:
             group["lr"] = lr_at(step, progress, peak_lr)
-        loss = base_step(arch, patcher, clip, captions, opt, params, batch_size, gen, device)
+        loss = base_step(arch, patcher, clip, captions, opt, params, batch_size, gen, device, forward)
         with torch.no_grad():
             decay = min(0.999, (1 + step) / (10 + step))
             torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
@@ -165,7 +174,7 @@ def train_base(arch, patcher, clip, steps, batch_size, seconds, gen, device, log
         for p, e in zip(params, ema):
             p.copy_(e)
     log[f"{arch}_base"] = {"steps": step, "batch": batch_size, "seconds": round(time.perf_counter() - start, 1),
-                           "loss_last_100": round(mean_loss(losses), 4)}
+                           "loss_last_100": round(mean_loss(losses), 4), "compiled": compile}
 
 
 class LoraLayer(torch.nn.Module):
@@ -274,6 +283,9 @@ def main():
     parser.add_argument("--smoke", action="store_true", help="tiny run on the CPU")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="stage base: time and profile STEPS steps (after 5 warm-up steps), save nothing")
+    parser.add_argument("--compile", action="store_true",
+                        help="stage base: the model's forward under torch.compile (with --profile: eager, then "
+                             "compiled, in one process)")
     args = parser.parse_args()
     if args.smoke:
         args.base_steps, args.lora_steps, args.detector_steps, args.batch, args.lora_batch = 3, 2, 20, 4, 2
@@ -303,9 +315,11 @@ def main():
             patcher, clip = objectives.build(args.arch, device)
         if args.profile:
             profile_base(args.arch, patcher, clip, args.profile, args.batch, gen, device)
+            if args.compile:
+                profile_base(args.arch, patcher, clip, args.profile, args.batch, gen, device, compile=True)
             return
         train_base(args.arch, patcher, clip, args.base_steps, args.batch, args.base_seconds, gen, device, log,
-                   args.base_lr)
+                   args.base_lr, args.compile)
         objectives.save_base(args.arch, patcher, clip, args.out)
         write_log(args.out, f"{args.arch}_base", log)
         return
