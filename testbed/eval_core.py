@@ -43,11 +43,12 @@ SCHEDULERS = {"unet": "normal", "dit": "simple"}
 CONCEPT_WORDS = {"character": "zorb", "clothing": "plaid, vest", "background": "brick", "object": "lantern",
                  "style": ""}
 METHODS = ("merge", "switch", "switch_authors", "composite", "cmlora", "clora", "clora_authors", "regional_oracle",
-           "regional_auto")
+           "regional_oracle_no_text", "regional_auto")
 """``switch_authors``: LoRA Switch with the released code's schedule; ``clora_authors``: CLoRA's "authors' code"
-variant (clora_settings.VARIANTS): the pairs the README's variant tables compare."""
+variant (clora_settings.VARIANTS); ``regional_oracle_no_text``: the oracle masks with text tokens routed to no regional
+LoRA (``text_tokens`` "no LoRA" instead of "every LoRA"): the pairs the README's variant tables compare."""
 CLORA_METHODS = ("clora", "clora_authors")
-REGIONAL = ("regional_oracle", "regional_auto")
+REGIONAL = ("regional_oracle", "regional_oracle_no_text", "regional_auto")
 ALL_METHODS = ("base",) + METHODS
 Prompt = tuple[tuple[str, ...], str, dict]  # (categories, caption, expected plain parts: detector head → code)
 
@@ -106,8 +107,9 @@ def rows_for(stack, categories: Sequence[str], strength: float = 1.0, arch: str 
 
 def _regional(ml: Callable, method: str, model, clip, rows, prompt: str, categories: Sequence[str]):
     regional = ml("methods.regional")
-    if method == "regional_oracle":
-        return regional.regional_model(model, rows, world.region_masks(categories), "testbed")
+    if method.startswith("regional_oracle"):
+        text = ml("core.regions").TEXT_NONE if method == "regional_oracle_no_text" else ml("core.regions").TEXT_ALL
+        return regional.regional_model(model, rows, world.region_masks(categories), "testbed", text_tokens=text)
     auto = ml("methods.regional_auto")
     phases = ml("core.auto_masks").AutoMaskPhases()  # the node's defaults: 3 recording steps, then frozen
     clone, _ = auto.auto_regional_model(model, rows, [None] * len(rows), "testbed", clip, prompt, phases)

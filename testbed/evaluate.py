@@ -2,7 +2,7 @@
 
     python testbed/evaluate.py --out DIR [--arch unet|dit] [--prompts 40] [--ks 1 2 3 4]
                                [--methods base merge switch switch_authors composite cmlora clora clora_authors
-                                          regional_oracle regional_auto]
+                                          regional_oracle regional_oracle_no_text regional_auto]
                                [--max-seconds S] [--total-seconds T] [--no-base]
 
 Composition sets as in ComposLoRA (Zhong et al. 2024): one character LoRA plus k−1 LoRAs of other

@@ -2,6 +2,7 @@
 
     python testbed/evaluate_parallel.py --out DIR [--arch unet|dit] [--weights W] [--max-seconds S]
     python testbed/evaluate_parallel.py --out DIR [--arch A] --merge-only   # merge DIR/job*/results.json again
+    python testbed/evaluate_parallel.py --out DIR [--arch A] --only 2 4     # re-run jobs 2 and 4, then merge all
 
 The testbed models are tiny (64×64 pixels as latents), so one sampling process leaves most of an H100/H200
 idle: the time goes to kernel launches and Python. Independent (k, method) groups therefore run as separate
@@ -26,9 +27,14 @@ _TRAINING_FREE = ["merge", "switch", "switch_authors", "composite", "cmlora"]
 JOBS_BY_ARCH = {
     "unet": (
         ["--ks", "1", "2", "--methods", "base"] + _TRAINING_FREE,
-        ["--ks", "3", "4", "--methods"] + _TRAINING_FREE + ["--no-base"],
+        ["--ks", "3", "--methods"] + _TRAINING_FREE + ["--no-base"],
+        ["--ks", "4", "--methods"] + _TRAINING_FREE[:2] + ["--no-base"],  # k = 4 of all five overruns one budget
+        ["--ks", "4", "--methods"] + _TRAINING_FREE[2:] + ["--no-base"],
         ["--ks", "2", "3", "4", "--methods", "regional_oracle", "--no-base"],
-        ["--ks", "2", "3", "4", "--methods", "regional_auto", "--no-base"],
+        ["--ks", "2", "--methods", "regional_auto", "--no-base"],
+        ["--ks", "3", "--methods", "regional_auto", "--no-base"],
+        ["--ks", "4", "--methods", "regional_auto", "--no-base"],
+        ["--ks", "2", "3", "--methods", "regional_oracle_no_text", "--no-base"],
         ["--ks", "2", "--methods", "clora", "--no-base"],
         ["--ks", "3", "--methods", "clora", "--no-base"],
         ["--ks", "4", "--methods", "clora", "--no-base"],
@@ -40,7 +46,10 @@ JOBS_BY_ARCH = {
         ["--ks", "3", "--methods"] + _TRAINING_FREE + ["--no-base"],
         ["--ks", "4", "--methods"] + _TRAINING_FREE + ["--no-base"],
         ["--ks", "2", "3", "4", "--methods", "regional_oracle", "--no-base"],
-        ["--ks", "2", "3", "4", "--methods", "regional_auto", "--no-base"],
+        ["--ks", "2", "--methods", "regional_auto", "--no-base"],
+        ["--ks", "3", "--methods", "regional_auto", "--no-base"],
+        ["--ks", "4", "--methods", "regional_auto", "--no-base"],
+        ["--ks", "2", "3", "--methods", "regional_oracle_no_text", "--no-base"],
     ),
 }
 JOBS = JOBS_BY_ARCH["unet"]
@@ -49,10 +58,14 @@ method, so each k of it gets a process of its own; the regional rows are skipped
 log, while the pack has no methods/regional.py."""
 
 
-def run_jobs(out: str, weights: str | None, max_seconds: float, prompts: int, arch: str = "unet") -> None:
+def run_jobs(out: str, weights: str | None, max_seconds: float, prompts: int, arch: str = "unet",
+             only: list[int] | None = None) -> None:
+    """``only``: the job indices to run (the others' DIR/jobN folders, from an earlier call, are merged as they are)."""
     env = dict(os.environ, OMP_NUM_THREADS="2", MKL_NUM_THREADS="2")
     procs = []
     for i, job in enumerate(JOBS_BY_ARCH[arch]):
+        if only is not None and i not in only:
+            continue
         argv = [sys.executable, os.path.join(HERE, "evaluate.py"), "--arch", arch, "--out", os.path.join(out, f"job{i}"),
                 "--max-seconds", str(max_seconds), "--total-seconds", str(max_seconds), "--prompts", str(prompts)] + job
         if weights:
@@ -112,10 +125,11 @@ def main():
     parser.add_argument("--max-seconds", type=float, default=480, help="budget of every job")
     parser.add_argument("--prompts", type=int, default=40, help="prompts per k (a smaller number: smoke test)")
     parser.add_argument("--merge-only", action="store_true")
+    parser.add_argument("--only", type=int, nargs="+", help="run only these job indices (re-runs), then merge all")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     if not args.merge_only:
-        run_jobs(args.out, args.weights, args.max_seconds, args.prompts, args.arch)
+        run_jobs(args.out, args.weights, args.max_seconds, args.prompts, args.arch, args.only)
     sys.path.insert(0, HERE)
     from boot import boot_comfy
     boot_comfy()

@@ -16,7 +16,8 @@
 #                                        # the operators taking the device time (train.py --profile); saves nothing;
 #                                        # COMPILE=1: then the same under torch.compile (resume takes COMPILE=1 too)
 #   bash testbed/gpu_runs.sh eval-both OUT [W]
-#                                        # eval on both testbeds in one call (EVAL_SECONDS per job, default 480)
+#                                        # eval on both testbeds in one call (EVAL_SECONDS per job, default 480;
+#                                        # ONLY_UNET / ONLY_DIT: job indices to re-run, the rest merged as found)
 #   bash testbed/gpu_runs.sh eval OUT W ARCH
 #                                        # every method, k = 1..4, 40 prompts × 4 seeds, as parallel processes
 #                                        # (evaluate_parallel.py) on testbed ARCH (unet or dit); OUT/eval-ARCH
@@ -117,11 +118,12 @@ profile)
     if [ -n "${COPY_TO:-}" ]; then cp "$out"/logs/profile_*.log "$COPY_TO"/; fi
     ;;
 eval-both)
-    # both testbeds in one call: the 14 jobs side by side, each within EVAL_SECONDS (default 480); results and
+    # both testbeds in one call: the 20 jobs side by side, each within EVAL_SECONDS (default 480); results and
     # sheets come back as eval-unet.tar / eval-dit.tar with COPY_TO
     for arch in unet dit; do
+        only=ONLY_${arch^^}  # ONLY_UNET / ONLY_DIT="2 5": re-run only those jobs (evaluate_parallel.py --only)
         "$py" testbed/evaluate_parallel.py --arch "$arch" --out "$out/eval-$arch" --max-seconds "${EVAL_SECONDS:-480}" \
-            ${3:+--weights "$3"} > "$out/eval_$arch.log" 2>&1 &
+            ${3:+--weights "$3"} ${!only:+--only ${!only}} > "$out/eval_$arch.log" 2>&1 &
     done
     wait
     for arch in unet dit; do

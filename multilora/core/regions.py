@@ -55,11 +55,12 @@ class RegionPlan:
 
 
 def _as_batch_hw(mask: torch.Tensor, node: str, row: int) -> torch.Tensor:
-    """A ComfyUI MASK ([H, W] or [B, H, W]) as float [B, 1, H, W]."""
+    """A ComfyUI MASK ([H, W] or [B, H, W]) as float [B, 1, H, W] on the CPU (masks found from attention arrive on
+    the sampling device; the plan is built on the CPU and the router copies it to each layer's device)."""
     if not isinstance(mask, torch.Tensor) or mask.ndim not in (2, 3):
         shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
         raise RegionError(f"{node}: the mask of row {row} has shape {shape}; connect a MASK ([H, W] or [B, H, W]).")
-    mask = mask.float()
+    mask = mask.detach().float().cpu()
     if not bool(torch.isfinite(mask).all()):
         raise RegionError(f"{node}: the mask of row {row} has NaN or infinite values; connect a mask with values "
                           "in [0, 1].")

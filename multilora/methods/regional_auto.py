@@ -66,9 +66,15 @@ def auto_rows(rows: Sequence[LoraRow], masks: Sequence[torch.Tensor | None]) -> 
 
 
 def _tokenizer_stream(clip, family: str, node: str):
-    """(tokenize_fn, bos, eos) of the text encoder whose tokens the model's context holds."""
+    """(tokenize_fn, bos, eos) of the text encoder whose tokens the model's context holds: CLIP on UNets; on Flux the
+    T5 stream, or the CLIP-L stream when that is the clip's only one (its context is then CLIP-L's tokens)."""
     if family == "unet":
         return (lambda text: token_rows(clip.tokenize(text))), 49406, 49407
+    probe = clip.tokenize("")
+    if isinstance(probe, dict) and "t5xxl" not in probe and sorted(probe) == ["l"]:
+        # A CLIP-L-only text encoder: its hidden states are the context (a Flux-architecture model trained on them).
+        return (lambda text: token_rows(clip.tokenize(text))), 49406, 49407
+
     def t5(text):
         tokens = clip.tokenize(text)
         if not isinstance(tokens, dict) or "t5xxl" not in tokens:

@@ -393,3 +393,38 @@ def test_patch_node_refuses_bad_automatic_mask_inputs_before_sampling(comfy_stat
                                            r"positive conditioning has 2 tokens"):
         ksampler(patched, "sd15", short, negative)
     assert calls == [] and patcher.wrappers == {}
+
+
+class SDXLTokens(FluxTokens):
+    """A text-encoder stand-in with ComfyUI's real SDXL tokenizer (CLIP-G + CLIP-L streams)."""
+
+    def __init__(self):
+        import comfy.sdxl_clip
+        self.tokenizer = comfy.sdxl_clip.SDXLTokenizer()
+
+
+def test_flux_concepts_come_from_t5_or_from_a_clip_that_has_only_clip_l(ml, clip):
+    """On Flux the concept columns are T5 positions; a CLIP-L-only clip (a Flux-architecture model whose context is
+    CLIP-L's hidden states, as the testbed's DiT) gives CLIP-L positions, as on a UNet; two CLIP streams are refused."""
+    auto_mod = ml("methods.regional_auto")
+    rows = [ml("core.stack").LoraRow(name=f"r{i}.safetensors", concept=c) for i, c in enumerate(("cat", "dog"))]
+    unet = auto_mod.concept_columns(clip, PROMPT, rows, [0, 1], "unet", "test")
+    assert unet == ([2, 5], [[0], [1]])
+    assert auto_mod.concept_columns(clip, PROMPT, rows, [0, 1], "flux", "test") == unet
+    t5, groups = auto_mod.concept_columns(FluxTokens(), PROMPT, rows, [0, 1], "flux", "test")
+    assert groups == [[0], [1]] and t5 != unet and len(t5) == 2
+    with pytest.raises(ml("core.regions").RegionError,
+                       match=r"^test: automatic masks on Flux need the T5 tokens of the prompt; this clip gives "
+                             r"\['g', 'l'\]\. Connect the Flux text encoder"):
+        auto_mod.concept_columns(SDXLTokens(), PROMPT, rows, [0, 1], "flux", "test")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device (run on the GPU machine)")
+def test_masks_found_on_the_sampling_device_make_a_cpu_plan(ml):
+    """Attention masks arrive on the GPU; the plan is built on the CPU (the router copies it per layer)."""
+    regions = ml("core.regions")
+    masks = [torch.zeros(1, 8, 8, device="cuda"), None]
+    masks[0][:, :, :4] = 1.0
+    plan = regions.normalize_regions(masks, (8, 8), "test")
+    assert plan.maps.device.type == "cpu" and plan.regional == (True, False)
+    assert float(plan.maps[0, 0, :, :4].min()) == 1.0 and float(plan.maps[0, 0, :, 4:].max()) == 0.0

@@ -93,9 +93,9 @@ def test_regional_rows_get_one_oracle_mask_per_row(core, ctx, monkeypatch):
     regional = ctx["ml"]("methods.regional")
     real = regional.regional_model
 
-    def spy(model, rows, masks, node):
-        seen["rows"], seen["masks"] = [r.category for r in rows], masks
-        return real(model, rows, masks, node)
+    def spy(model, rows, masks, node, **kwargs):
+        seen["rows"], seen["masks"], seen["text"] = [r.category for r in rows], masks, kwargs.get("text_tokens")
+        return real(model, rows, masks, node, **kwargs)
     monkeypatch.setattr(regional, "regional_model", spy)
     prompts = core.composition_prompts(4, 1)  # character + clothing + background + object
     entry, images = core.run_method("regional_oracle", 4, prompts, ctx, seeds=1, steps=1)
@@ -103,3 +103,12 @@ def test_regional_rows_get_one_oracle_mask_per_row(core, ctx, monkeypatch):
     assert seen["rows"] == list(prompts[0][0])
     assert [m is None for m in seen["masks"]] == [False] * 4
     assert all(m.shape == (64, 64) for m in seen["masks"])
+    regions = ctx["ml"]("core.regions")
+    assert seen["text"] == regions.TEXT_ALL
+    entry, _ = core.run_method("regional_oracle_no_text", 4, prompts, ctx, seeds=1, steps=1)
+    assert "error" not in entry, entry.get("error")
+    assert seen["text"] == regions.TEXT_NONE
+    # automatic masks on either testbed (the DiT's text encoder is CLIP-L only): recorded, set, sampled
+    entry, _ = core.run_method("regional_auto", 2, core.composition_prompts(2, 1), ctx, seeds=1, steps=4)
+    assert "error" not in entry, entry.get("error")
+    assert entry["prompts_covered"] == 1
