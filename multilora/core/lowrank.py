@@ -192,6 +192,12 @@ def _row_view(weights: torch.Tensor, ndim: int, per_token: bool) -> torch.Tensor
     return weights.unsqueeze(1)
 
 
+def _may_write_in_place(out: torch.Tensor, update: torch.Tensor) -> bool:
+    """Whether a layer's output may take its delta in place: a contiguous tensor outside autograd (a gradient
+    pass, e.g. CLoRA's latent update, keeps the out-of-place form)."""
+    return out.is_contiguous() and not (torch.is_grad_enabled() and (out.requires_grad or update.requires_grad))
+
+
 def apply_layer_deltas(deltas: LayerDeltas, x: torch.Tensor, out: torch.Tensor,
                        row_weights: torch.Tensor, mask_cache: dict | None = None) -> torch.Tensor:
     """y + routed deltas. ``row_weights`` is [B, k] (one weight per batch row), or per token: [B, N, k] for a
@@ -220,7 +226,10 @@ def apply_layer_deltas(deltas: LayerDeltas, x: torch.Tensor, out: torch.Tensor,
             else:
                 h = h * mask.view((mask.shape[0],) + (1,) * (h.ndim - 2) + (mask.shape[1],))
             flat = h.reshape(-1, h.shape[-1])
-            out = torch.addmm(out.reshape(-1, out.shape[-1]), flat, up.t()).view(out.shape)
+            if _may_write_in_place(out, flat):  # no copy of the output first (addmm's out-of-place form makes one)
+                out.view(-1, out.shape[-1]).addmm_(flat, up.t())
+            else:
+                out = torch.addmm(out.reshape(-1, out.shape[-1]), flat, up.t()).view(out.shape)
         else:
             h = _conv(spec, x, down)
             h = h * (mask if mask.ndim == h.ndim else mask.view(mask.shape + (1,) * (h.ndim - 2)))
