@@ -11,7 +11,13 @@ from ..multilora.core.stack import require_active
 from ..multilora.host.ksampler import ksample
 from ..multilora.host.token_routing import refuse_reference_latents
 from ..multilora.methods.regional import check_masks, regional_model
-from ..multilora.methods.regional_auto import MASK_SOURCES, MASKS_DRAWN, auto_regional_model, drawn_record
+from ..multilora.methods.regional_auto import (
+    MASK_SOURCES,
+    MASKS_DRAWN,
+    auto_regional_model,
+    drawn_record,
+    text_concept_tokens,
+)
 from .checks import checked
 from .sampling import STACK_TIP, stack_sampler_inputs
 from .types import AttentionMapsType, LoraStackType
@@ -24,12 +30,15 @@ FEATHER_TIP = ("Softens each mask's edge by a Gaussian blur of this many latent 
 TEXT_TIP = ("What the LoRAs do to the prompt's tokens (cross-attention keys/values on UNets, the text stream of Flux, "
             "the caption of Z-Image), "
             "which have no place in the image: 'every LoRA' (default) lets each LoRA read the whole prompt as it "
-            "would alone; 'no LoRA' keeps the regional rows off the text (rows without a mask still act there).")
+            "would alone; 'no LoRA' keeps the regional rows off the text (rows without a mask still act there); "
+            "'each LoRA on its words' keeps every other regional row off a row's concept words in the positive "
+            "prompt (needs clip and prompt).")
 MASK_FROM_TIP = ("Where rows without a mask act: 'connected masks' (default) = everywhere; 'concept attention' = a "
                  "mask found from the attention of the row's concept word(s) to the image (rows of category style "
                  "and rows without a concept word still act everywhere; connected masks still apply). Needs clip "
                  "and prompt.")
-CLIP_TIP = ("The text encoder of the positive prompt; with mask_from 'concept attention' it finds the concept words' "
+CLIP_TIP = ("The text encoder of the positive prompt; with mask_from 'concept attention' or text_tokens 'each LoRA on "
+            "its words' it finds the concept words' "
             "tokens in 'prompt' (CLIP tokens on SD1.x/SDXL, T5 tokens on Flux, Qwen3 tokens on Z-Image). Nothing is "
             "encoded.")
 PROMPT_TIP = ("The positive prompt's text, exactly as encoded into 'positive'; every concept word of an automatic row "
@@ -102,7 +111,8 @@ class RegionalLoraModel(io.ComfyNode):
         node = "Regional LoRA"
         rows = require_active(lora_stack, node)
         if mask_from == MASKS_DRAWN:
-            return io.NodeOutput(regional_model(model, rows, masks_of(masks), node, feather, text_tokens))
+            words = text_concept_tokens(model, rows, masks_of(masks), clip, prompt, node, text_tokens)
+            return io.NodeOutput(regional_model(model, rows, masks_of(masks), node, feather, text_tokens, words))
         # The positive conds meet the patch only in the sampler: the wrappers check them when sampling starts.
         patched, _ = auto_regional_model(model, rows, masks_of(masks), node, clip, prompt,
                                          AutoMaskPhases(auto_steps, refresh_every), mask_threshold, feather,
@@ -139,7 +149,8 @@ class RegionalLoraSampler(io.ComfyNode):
         for note in check_masks(rows, masks_of(masks), node, latent_size, feather):
             log.warning("%s: %s", node, note)
         if mask_from == MASKS_DRAWN:
-            patched = regional_model(model, rows, masks_of(masks), node, feather, text_tokens)
+            words = text_concept_tokens(model, rows, masks_of(masks), clip, prompt, node, text_tokens)
+            patched = regional_model(model, rows, masks_of(masks), node, feather, text_tokens, words)
             record = drawn_record(rows, masks_of(masks), latent_size, node, feather)
         else:
             patched, auto = auto_regional_model(model, rows, masks_of(masks), node, clip, prompt,

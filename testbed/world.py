@@ -253,15 +253,16 @@ def slot_region(side: str, size: int = SIZE) -> torch.Tensor:
 def region_masks(categories: Sequence[str], size: int = SIZE) -> list[torch.Tensor | None]:
     """Ground-truth region of each category's concept, one [size, size] float mask per category (None: the
     whole image): character → the left slot, clothing → the left slot's lower half, object → the right slot,
-    background → outside the occupied slots, style → None. The oracle masks of the regional method."""
+    background → outside the regions of the set's other concepts (a slot that holds a plain object belongs to the
+    background LoRA's region: the background is drawn around it), style → None. The oracle masks of the regional
+    method (testbed/README.md, "Regional variants": this rule against the background outside both slots)."""
     left, right = slot_region("left", size), slot_region("right", size)
     grid = (torch.arange(size, dtype=torch.float32) + 0.5) * (SIZE / size)
     lower = (grid.view(-1, 1) >= SLOT_Y - 0.1 * RADIUS[0] - JITTER).float().expand(size, size)
-    out = []
-    for c in categories:
-        out.append({"character": left, "clothing": left * lower, "object": right,
-                    "background": 1 - torch.maximum(left, right), "style": None}[c])
-    return out
+    regions = {"character": left, "clothing": left * lower, "object": right, "style": None}
+    taken = [regions[c] for c in categories if c != "background" and regions[c] is not None]
+    regions["background"] = 1 - torch.stack(taken).amax(0) if taken else None
+    return [regions[c] for c in categories]
 
 
 def to_latent(images: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,15 @@ Region rule (``normalize_regions``), on the latent grid:
   a pixel instead of both LoRAs acting at full strength (Σ_i M_i(t) ≤ 1 over regional rows);
 - gaps: where no regional mask covers a pixel, only the rows without a region act there (plus the base).
 
+Text tokens (the prompt's keys/values on a UNet, the text stream of a joint-attention DiT) have no place in the
+image; ``text_tokens`` decides what they get: every LoRA (``TEXT_ALL``), only the rows without a region
+(``TEXT_NONE``), or each regional row on its own concept words (``TEXT_CONCEPT``): on the positive prompt's rows,
+a token of row i's concept words gets no other regional LoRA,
+
+    w_{n,t,j} = w_{n,j} · [n is not positive, or t ∉ ∪_{i regional, i ≠ j} P_i, or t ∈ P_j],
+
+with P_i the token positions of row i's words; every other token, and the negative prompt, gets every LoRA.
+
 Token grids: a layer whose input has N tokens of a latent H × W works at the grid (⌈H/s⌉, ⌈W/s⌉) whose area is
 N, for the downsampling s of that layer (UNet levels s = 1, 2, 4, 8; a DiT's patch s = 2). Pure module.
 """
@@ -33,7 +42,8 @@ from .errors import MultiLoRAError
 GRID_FACTORS = (1, 2, 4, 8, 16, 32, 64)
 TEXT_ALL = "every LoRA"
 TEXT_NONE = "no LoRA"
-TEXT_POLICIES = (TEXT_ALL, TEXT_NONE)
+TEXT_CONCEPT = "each LoRA on its words"
+TEXT_POLICIES = (TEXT_ALL, TEXT_NONE, TEXT_CONCEPT)
 
 
 class RegionError(MultiLoRAError):
@@ -159,15 +169,15 @@ def token_weights(row_weights: torch.Tensor, grid_maps: torch.Tensor, prefix: in
                   prefix_weights: torch.Tensor | None = None, suffix_weights: torch.Tensor | None = None
                   ) -> torch.Tensor:
     """[B, prefix + h·w + suffix, k] weights for a token layer: w_{n,i}·M_i(t) on the image grid tokens (row-major
-    as the models flatten them), ``prefix_weights`` ([B, k], default the row weights) on ``prefix`` text tokens
-    before them, and ``suffix_weights`` ([B, k], default the row weights) on ``suffix`` extra tokens after them
-    (reference-image tokens, image pad tokens)."""
+    as the models flatten them), ``prefix_weights`` ([B, k], default the row weights, or [B, prefix, k] per token)
+    on ``prefix`` text tokens before them, and ``suffix_weights`` ([B, k], default the row weights) on ``suffix``
+    extra tokens after them (reference-image tokens, image pad tokens)."""
     b, k = row_weights.shape
     image = spatial_weights(row_weights, grid_maps).flatten(2).transpose(1, 2)
     parts = []
     if prefix:
         head = row_weights if prefix_weights is None else prefix_weights
-        parts.append(head[:, None, :].expand(b, prefix, k))
+        parts.append(head if head.ndim == 3 else head[:, None, :].expand(b, prefix, k))
     parts.append(image)
     if suffix:
         tail = row_weights if suffix_weights is None else suffix_weights
@@ -176,10 +186,32 @@ def token_weights(row_weights: torch.Tensor, grid_maps: torch.Tensor, prefix: in
 
 
 def text_weights(row_weights: torch.Tensor, regional: Sequence[bool], policy: str) -> torch.Tensor:
-    """[B, k] weights on text tokens: every LoRA (``TEXT_ALL``) or only the rows without a region (``TEXT_NONE``)."""
+    """[B, k] weights on text tokens: every LoRA (``TEXT_ALL``) or only the rows without a region (``TEXT_NONE``);
+    ``TEXT_CONCEPT`` is per token (``concept_text_weights``)."""
     if policy == TEXT_ALL:
         return row_weights
     if policy == TEXT_NONE:
         keep = torch.tensor([0.0 if r else 1.0 for r in regional], dtype=row_weights.dtype, device=row_weights.device)
         return row_weights * keep
     raise RegionError(f"text token policy must be one of {list(TEXT_POLICIES)}, got {policy!r}")
+
+
+def concept_text_weights(row_weights: torch.Tensor, tokens: int, regional: Sequence[bool],
+                         positions: dict[int, Sequence[int]], positive: torch.Tensor) -> torch.Tensor:
+    """[B, tokens, k] weights on text tokens under ``TEXT_CONCEPT`` (formula in the module docstring):
+    ``positions[i]`` = the token positions of row i's concept words, ``positive`` = [B] bool, the batch rows of
+    the positive prompt. Positions past ``tokens`` are ignored (a shorter context)."""
+    b, k = row_weights.shape
+    keep = torch.ones(tokens, k, dtype=row_weights.dtype, device=row_weights.device)
+    own: dict[int, set[int]] = {}
+    for i, ps in positions.items():
+        if regional[i]:
+            own[i] = {int(p) for p in ps if 0 <= int(p) < tokens}
+    for i, ps in own.items():
+        for j in own:
+            if j != i:
+                cols = sorted(ps - own[j])
+                if cols:
+                    keep[cols, j] = 0.0
+    mask = torch.where(positive.to(row_weights.device).view(b, 1, 1), keep.unsqueeze(0), torch.ones_like(keep)[None])
+    return row_weights[:, None, :] * mask

@@ -327,7 +327,7 @@ class OnTheFlyLoras:
                                          or getattr(routing, "stable", False))
         self._last_vector = vector
         if self.token_router is not None:
-            self.token_router.begin_call(x, c_crossattn, kwargs)
+            self.token_router.begin_call(x, c_crossattn, kwargs, cond_or_uncond)
             repeat = False  # weights differ per token: the hooks, never a merge
         if self.merge_uniform and repeat and self._attached and self._mergeable(base_model):
             self.merge_weights(base_model, vector)

@@ -15,7 +15,9 @@ Token roles, decided per layer from the model family and the layer's path:
   latents (Z-Image's omni mode: reference images, their captions and SigLIP tokens before these, and a doubled
   timestep batch) and the pixel-space variant (``dec_net``, one patch per batch row) are refused.
 - Layers that take one vector per image (timestep, pooled text, modulation) keep the per-row weights.
-Text tokens get the row weights of every LoRA (``TEXT_ALL``) or of the rows without a region (``TEXT_NONE``).
+Text tokens get the row weights of every LoRA (``TEXT_ALL``), of the rows without a region (``TEXT_NONE``), or each
+regional LoRA stays off the other regional rows' concept words on the positive prompt (``TEXT_CONCEPT``; positions
+from the method, the positive rows from ``cond_or_uncond``).
 
 Pad tokens (Lumina family): they carry no prompt word and no pixel, and the attention mask is None, so every token
 attends to them. Caption pads are part of the text stream and follow the text policy, like the caption. Image pads
@@ -35,9 +37,11 @@ import comfy.patcher_extension
 
 from ..core.regions import (
     TEXT_ALL,
+    TEXT_CONCEPT,
     RegionError,
     RegionPlan,
     area_weights,
+    concept_text_weights,
     maps_on_grid,
     normalize_regions,
     spatial_weights,
@@ -144,7 +148,8 @@ class TokenRouter:
     [B, k] into per-token ones."""
 
     def __init__(self, masks, roles: dict[str, str], family: str, text_policy: str = TEXT_ALL, feather: float = 0.0,
-                 names=None, node: str = "Regional LoRA", text_multiple: int = 1):
+                 names=None, node: str = "Regional LoRA", text_multiple: int = 1,
+                 concept_tokens: dict[int, list[int]] | None = None):
         self.masks = list(masks)
         self.roles = roles
         self.family = family
@@ -160,6 +165,10 @@ class TokenRouter:
         self._latent: tuple[int, int] = (0, 0)
         self._text_tokens = 0
         self._cache: dict = {}
+        if text_policy == TEXT_CONCEPT and concept_tokens is None:
+            raise RegionError(f"{node}: text_tokens '{TEXT_CONCEPT}' needs the concept words' token positions.")
+        self.concept_tokens = {int(i): sorted(int(p) for p in ps) for i, ps in (concept_tokens or {}).items()}
+        self._chunks: tuple[int, ...] = (0,)
 
     def plan_for(self, latent: tuple[int, int]) -> RegionPlan:
         """The regions normalised for a latent of ``latent`` = (H, W) (cached; the first one is logged)."""
@@ -173,7 +182,8 @@ class TokenRouter:
     def key(self) -> tuple:
         """What the weights' Python control flow depends on (joins a CUDA graph's signature)."""
         layout = (tuple(self.plan.maps.shape), self.plan.regional) if self.plan is not None else ()
-        return ("tokens", id(self), self._latent, self._text_tokens, self.text_policy, layout)
+        chunks = self._chunks if self.text_policy == TEXT_CONCEPT else ()
+        return ("tokens", id(self), self._latent, self._text_tokens, self.text_policy, layout, chunks)
 
     def set_maps(self, maps: torch.Tensor, regional: tuple[bool, ...] | None = None,
                  latent: tuple[int, int] | None = None) -> None:
@@ -202,15 +212,16 @@ class TokenRouter:
         """Back to the masks given at construction (a new sampling run of automatic masks)."""
         self._plans, self._device_maps, self._cache, self.plan = {}, {}, {}, None
 
-    def begin_call(self, x: torch.Tensor, context: torch.Tensor | None, conds=None) -> None:
-        """Start a model call on latent ``x`` ([B, C, H, W]) with text ``context`` ([B, T, C]) and the call's other
-        model inputs ``conds`` (apply_model's keyword arguments)."""
+    def begin_call(self, x: torch.Tensor, context: torch.Tensor | None, conds=None, cond_or_uncond=None) -> None:
+        """Start a model call on latent ``x`` ([B, C, H, W]) with text ``context`` ([B, T, C]), the call's other
+        model inputs ``conds`` (apply_model's keyword arguments) and its chunks (``cond_or_uncond``: 0 = positive)."""
         if self.family == LUMINA and (conds or {}).get("ref_latents"):
             raise RegionError(reference_latents_message(self.node))
         self._latent = (int(x.shape[-2]), int(x.shape[-1]))
         self.plan = self.plan_for(self._latent)
         text = 0 if context is None or context.ndim != 3 else int(context.shape[1])
         self._text_tokens = text + (-text) % self.text_multiple
+        self._chunks = tuple(int(c) for c in (cond_or_uncond or (0,)))
         self._cache = {}
 
     def _maps_on(self, device, dtype, grid: tuple[int, int]) -> torch.Tensor:
@@ -229,13 +240,23 @@ class TokenRouter:
             found = self._cache[key] = make()
         return found
 
+    def _text(self, rows: torch.Tensor, tokens: int) -> torch.Tensor:
+        """The text tokens' weights: [B, k] (every LoRA / no regional LoRA) or [B, tokens, k] (``TEXT_CONCEPT``)."""
+        if self.text_policy != TEXT_CONCEPT:
+            return text_weights(rows, self.plan.regional, self.text_policy)
+        b, chunks = rows.shape[0], self._chunks
+        per = b // len(chunks) if b % len(chunks) == 0 else b
+        positive = torch.tensor([chunks[min(n // per, len(chunks) - 1)] == 0 for n in range(b)])
+        return concept_text_weights(rows, tokens, self.plan.regional, self.concept_tokens, positive)
+
     def weights(self, path: str, x: torch.Tensor, out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Row weights [B, k] → this layer's weights: [B, k] (vector or text layers), [B, N, k] or [B, k, h, w]."""
         role = self.roles.get(path, AUTO)
         if out.ndim == 2 or x.ndim == 2:
             return rows
         if role == TEXT:
-            return self._cached(("text", id(rows)), lambda: text_weights(rows, self.plan.regional, self.text_policy))
+            tokens = int(x.shape[1]) if x.ndim == 3 else 0
+            return self._cached(("text", tokens, id(rows)), lambda: self._text(rows, tokens))
         if out.ndim == 4:
             grid = (int(out.shape[-2]), int(out.shape[-1]))
             return self._cached(("conv", grid, id(rows)),
@@ -255,7 +276,7 @@ class TokenRouter:
 
         def make():
             maps = self._maps_on(rows.device, rows.dtype, grid)
-            head = text_weights(rows, self.plan.regional, self.text_policy) if prefix else None
+            head = self._text(rows, prefix) if prefix else None
             tail = area_weights(rows, maps) if suffix and self.family == LUMINA else None  # image pad tokens
             return token_weights(rows, maps, prefix, suffix, head, tail)
         return self._cached(("tokens", grid, prefix, suffix, id(rows)), make)

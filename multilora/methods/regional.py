@@ -44,10 +44,12 @@ def check_masks(rows: Sequence[LoraRow], masks: Sequence[torch.Tensor | None], n
 
 
 def regional_model(model, rows: Sequence[LoraRow], masks: Sequence[torch.Tensor | None], node: str,
-                   feather: float = 0.0, text_tokens: str = TEXT_ALL):
+                   feather: float = 0.0, text_tokens: str = TEXT_ALL, concept_tokens: dict | None = None):
     """A clone of ``model`` that samples with ``rows`` routed per token by ``masks`` (one per row, None =
-    everywhere; any resolution, resized to each call's latent)."""
-    return regional_clone(model, regional_engine(model, rows, masks, node, feather, text_tokens), node)
+    everywhere; any resolution, resized to each call's latent). ``concept_tokens`` ({row: token positions of its
+    concept words}, ``regional_auto.text_concept_tokens``) is needed by ``text_tokens`` = ``TEXT_CONCEPT``."""
+    return regional_clone(model, regional_engine(model, rows, masks, node, feather, text_tokens, concept_tokens),
+                          node)
 
 
 def regional_clone(model, engine, node: str):
@@ -59,7 +61,7 @@ def regional_clone(model, engine, node: str):
 
 
 def regional_engine(model, rows: Sequence[LoraRow], masks: Sequence[torch.Tensor | None], node: str,
-                    feather: float = 0.0, text_tokens: str = TEXT_ALL):
+                    feather: float = 0.0, text_tokens: str = TEXT_ALL, concept_tokens: dict | None = None):
     """The engine of ``regional_model`` with its TokenRouter, not yet installed on a clone."""
     if text_tokens not in TEXT_POLICIES:
         raise RegionError(f"{node}: text_tokens must be one of {list(TEXT_POLICIES)}, got {text_tokens!r}.")
@@ -70,5 +72,5 @@ def regional_engine(model, rows: Sequence[LoraRow], masks: Sequence[torch.Tensor
     engine = build_engine(model, rows, node)
     roles = token_roles(diffusion_model, engine.layers.keys(), node)
     engine.token_router = TokenRouter(masks, roles, family, text_tokens, feather, [r.name for r in rows], node,
-                                      caption_multiple(diffusion_model))
+                                      caption_multiple(diffusion_model), concept_tokens)
     return engine

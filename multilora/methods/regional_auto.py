@@ -32,7 +32,7 @@ import comfy.patcher_extension
 
 from ..core.auto_masks import AutoMaskPhases, concept_masks
 from ..core.prompt_tokens import bpe_concept_positions, concept_positions, token_rows
-from ..core.regions import TEXT_ALL, RegionError, normalize_regions
+from ..core.regions import TEXT_ALL, TEXT_CONCEPT, RegionError, normalize_regions
 from ..core.routing import sample_sigmas_of_call, sigma_of_call, step_index
 from ..core.stack import LoraRow
 from ..host.attention_capture import ConceptAttention, capture_level, capture_size, cross_attention_levels, install_capture
@@ -118,6 +118,23 @@ def concept_columns(clip, prompt: str, rows: Sequence[LoraRow], chosen: Sequence
         groups.append(list(range(len(positions), len(positions) + len(mine))))
         positions += mine
     return positions, groups
+
+
+def text_concept_tokens(model, rows: Sequence[LoraRow], masks: Sequence[torch.Tensor | None], clip, prompt: str,
+                        node: str, text_tokens: str, auto: Sequence[int] = ()) -> dict[int, list[int]] | None:
+    """For ``text_tokens`` = ``TEXT_CONCEPT``: the token positions of the concept words of every regional row (a
+    connected mask, or an automatic one: ``auto``) in ``prompt``, {row: positions}; None for the other policies.
+    A word absent from the prompt raises ConceptNotFoundError naming ``node``, as in CLoRA."""
+    if text_tokens != TEXT_CONCEPT:
+        return None
+    if clip is None or not str(prompt or "").strip():
+        raise RegionError(f"{node}: text_tokens '{TEXT_CONCEPT}' needs 'clip' connected and the positive prompt's text "
+                          "in 'prompt', to find each row's concept words; or choose another text_tokens.")
+    family = model_family(model.model.diffusion_model)
+    chosen = [i for i, row in enumerate(rows) if ((i < len(masks) and masks[i] is not None) or i in auto)
+              and row.concept_words()]
+    positions, groups = concept_columns(clip, prompt, rows, chosen, family, node)
+    return {i: [positions[g] for g in group] for i, group in zip(chosen, groups)}
 
 
 def check_family(diffusion_model, node: str) -> str:
@@ -267,7 +284,8 @@ def auto_regional_model(model, rows: Sequence[LoraRow], masks: Sequence[torch.Te
                           "text in 'prompt', to find the concept words' tokens.")
     positions, groups = concept_columns(clip, prompt, rows, chosen, family, node)
     check_context(positive, positions, node)
-    engine = regional_engine(model, rows, masks, node, feather, text_tokens)
+    words = text_concept_tokens(model, rows, masks, clip, prompt, node, text_tokens, chosen)
+    engine = regional_engine(model, rows, masks, node, feather, text_tokens, words)
     auto = AutoRegions(engine.token_router, diffusion_model, family, masks, chosen, positions, groups, phases,
                        threshold, feather, [r.name for r in rows], node)
     clone = regional_clone(model, engine, node)

@@ -10,9 +10,11 @@ import comfy.utils
 from . import tiny_models
 
 
-def run_wrapped(clone, engine, patcher, x, sigma, cond, record: dict | None = None, paths=None):
-    """One apply_model call through ``clone``'s wrappers (as a sampler makes it); with ``record``, each targeted
-    layer's (input, output after the engine's hook) lands there under its path."""
+def run_wrapped(clone, engine, patcher, x, sigma, cond, record: dict | None = None, paths=None,
+                cond_or_uncond=None):
+    """One apply_model call through ``clone``'s wrappers (as a sampler makes it; ``cond_or_uncond``: the chunks of
+    its batch, as calc_cond_batch sets them); with ``record``, each targeted layer's (input, output after the
+    engine's hook) lands there under its path."""
     handles = []
     with engine.attached(patcher.model), torch.no_grad():
         try:
@@ -20,7 +22,10 @@ def run_wrapped(clone, engine, patcher, x, sigma, cond, record: dict | None = No
                 module = comfy.utils.get_attr(patcher.model, path)
                 handles.append(module.register_forward_hook(
                     lambda m, args, out, p=path: record.__setitem__(p, (args[0].detach().clone(), out.detach().clone()))))
-            return patcher.model.apply_model(x, sigma, transformer_options={"wrappers": clone.wrappers}, **cond)
+            options = {"wrappers": clone.wrappers}
+            if cond_or_uncond is not None:
+                options["cond_or_uncond"] = list(cond_or_uncond)
+            return patcher.model.apply_model(x, sigma, transformer_options=options, **cond)
         finally:
             for h in handles:
                 h.remove()

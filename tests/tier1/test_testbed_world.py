@@ -49,11 +49,14 @@ def test_every_concept_pixel_lies_in_its_oracle_region(world, category):
     assert 0.1 < float(region.mean()) < 0.4  # a slot, not the whole image
 
 
-def test_background_region_avoids_the_slots_and_style_is_everywhere(world):
+def test_background_region_avoids_the_other_concepts_slots_and_style_is_everywhere(world):
     masks = world.region_masks(["character", "object", "background", "style"])
     assert masks[3] is None
     assert float((masks[2] * (masks[0] + masks[1])).sum()) == 0.0
     assert float(masks[2].mean()) > 0.3
+    character, background = world.region_masks(["character", "background"])  # the right slot holds a plain object
+    right_only = world.slot_region("right") * (1 - character)
+    assert float((background * character).sum()) == 0.0 and torch.equal(background * right_only, right_only)
     small = world.region_masks(["character", "background"], size=16)
     assert small[0].shape == (16, 16) and float(small[0][:, :8].mean()) > float(small[0][:, 8:].mean())
 
