@@ -196,22 +196,23 @@ def text_weights(row_weights: torch.Tensor, regional: Sequence[bool], policy: st
     raise RegionError(f"text token policy must be one of {list(TEXT_POLICIES)}, got {policy!r}")
 
 
-def concept_text_weights(row_weights: torch.Tensor, tokens: int, regional: Sequence[bool],
-                         positions: dict[int, Sequence[int]], positive: torch.Tensor) -> torch.Tensor:
-    """[B, tokens, k] weights on text tokens under ``TEXT_CONCEPT`` (formula in the module docstring):
-    ``positions[i]`` = the token positions of row i's concept words, ``positive`` = [B] bool, the batch rows of
-    the positive prompt. Positions past ``tokens`` are ignored (a shorter context)."""
-    b, k = row_weights.shape
-    keep = torch.ones(tokens, k, dtype=row_weights.dtype, device=row_weights.device)
-    own: dict[int, set[int]] = {}
-    for i, ps in positions.items():
-        if regional[i]:
-            own[i] = {int(p) for p in ps if 0 <= int(p) < tokens}
+def concept_keep(tokens: int, k: int, regional: Sequence[bool], positions: dict[int, Sequence[int]]) -> torch.Tensor:
+    """[tokens, k] float 0/1 (CPU): which LoRA acts on which text token of the positive prompt under
+    ``TEXT_CONCEPT`` (formula in the module docstring); ``positions[i]`` = the token positions of row i's concept
+    words, positions past ``tokens`` ignored (a shorter context)."""
+    keep = torch.ones(tokens, k)
+    own = {i: {int(p) for p in ps if 0 <= int(p) < tokens} for i, ps in positions.items() if regional[i]}
     for i, ps in own.items():
         for j in own:
             if j != i:
-                cols = sorted(ps - own[j])
-                if cols:
-                    keep[cols, j] = 0.0
-    mask = torch.where(positive.to(row_weights.device).view(b, 1, 1), keep.unsqueeze(0), torch.ones_like(keep)[None])
+                for t in ps - own[j]:
+                    keep[t, j] = 0.0
+    return keep
+
+
+def concept_text_weights(row_weights: torch.Tensor, keep: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """[B, tokens, k] weights on text tokens under ``TEXT_CONCEPT``: ``keep`` ([tokens, k], ``concept_keep``, on
+    the weights' device) on the batch rows of the positive prompt (``positive`` [B] bool), every LoRA elsewhere."""
+    b = row_weights.shape[0]
+    mask = torch.where(positive.view(b, 1, 1), keep.unsqueeze(0), torch.ones_like(keep)[None])
     return row_weights[:, None, :] * mask

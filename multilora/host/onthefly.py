@@ -153,7 +153,10 @@ class OnTheFlyLoras:
             yield
 
     def stage_rows(self, device: torch.device, dtype: torch.dtype) -> None:
-        """Copy the call's row weights into a buffer that lives for the run, so a replayed graph reads them."""
+        """Copy the call's row weights into a buffer that lives for the run, so a replayed graph reads them (and
+        the token router's region maps: no host copy may happen inside a capture)."""
+        if self.token_router is not None:
+            self.token_router.stage(device, dtype)
         if self._rows is None:
             return
         key = (device, dtype, tuple(self._rows.shape))

@@ -41,6 +41,7 @@ from ..core.regions import (
     RegionError,
     RegionPlan,
     area_weights,
+    concept_keep,
     concept_text_weights,
     maps_on_grid,
     normalize_regions,
@@ -169,6 +170,8 @@ class TokenRouter:
             raise RegionError(f"{node}: text_tokens '{TEXT_CONCEPT}' needs the concept words' token positions.")
         self.concept_tokens = {int(i): sorted(int(p) for p in ps) for i, ps in (concept_tokens or {}).items()}
         self._chunks: tuple[int, ...] = (0,)
+        self._raw_text, self._batch = 0, 1
+        self._concept: dict = {}  # TEXT_CONCEPT's device tensors, made in ``stage`` (outside any graph capture)
 
     def plan_for(self, latent: tuple[int, int]) -> RegionPlan:
         """The regions normalised for a latent of ``latent`` = (H, W) (cached; the first one is logged)."""
@@ -210,7 +213,7 @@ class TokenRouter:
 
     def reset_maps(self) -> None:
         """Back to the masks given at construction (a new sampling run of automatic masks)."""
-        self._plans, self._device_maps, self._cache, self.plan = {}, {}, {}, None
+        self._plans, self._device_maps, self._cache, self.plan, self._concept = {}, {}, {}, None, {}
 
     def begin_call(self, x: torch.Tensor, context: torch.Tensor | None, conds=None, cond_or_uncond=None) -> None:
         """Start a model call on latent ``x`` ([B, C, H, W]) with text ``context`` ([B, T, C]), the call's other
@@ -221,16 +224,44 @@ class TokenRouter:
         self.plan = self.plan_for(self._latent)
         text = 0 if context is None or context.ndim != 3 else int(context.shape[1])
         self._text_tokens = text + (-text) % self.text_multiple
+        self._raw_text, self._batch = text, int(x.shape[0])
         self._chunks = tuple(int(c) for c in (cond_or_uncond or (0,)))
         self._cache = {}
+
+    def stage(self, device, dtype) -> None:
+        """The current plan's maps in a device buffer for (latent, ``device``, ``dtype``), made before a CUDA-graph
+        capture or replay (a host-to-device copy cannot be captured); ``set_maps`` refreshes it in place."""
+        if self.plan is not None and (self._latent, device, dtype) not in self._device_maps:
+            self._device_maps[(self._latent, device, dtype)] = self.plan.maps.to(device=device, dtype=dtype)
+        if self.text_policy == TEXT_CONCEPT and self.plan is not None:
+            for tokens in {self._raw_text, self._text_tokens}:
+                self._concept_tensors(tokens, device)
+
+    def _concept_tensors(self, tokens: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keep [tokens, k], positive [B]) of ``TEXT_CONCEPT`` on ``device`` for this call's layout (cached)."""
+        key = (tokens, self.plan.regional, self._chunks, self._batch, device)
+        found = self._concept.get(key)
+        if found is None:
+            b, chunks = self._batch, self._chunks
+            per = b // len(chunks) if b % len(chunks) == 0 else b
+            positive = torch.tensor([chunks[min(n // per, len(chunks) - 1)] == 0 for n in range(b)])
+            keep = concept_keep(tokens, len(self.plan.regional), self.plan.regional, self.concept_tokens)
+            found = self._concept[key] = (keep.to(device), positive.to(device))
+        return found
 
     def _maps_on(self, device, dtype, grid: tuple[int, int]) -> torch.Tensor:
         key = (device, dtype, grid)
         found = self._cache.get(key)
         if found is None:
             base = self._device_maps.get((self._latent, device, dtype))
-            if base is None:
-                base = self._device_maps[(self._latent, device, dtype)] = self.plan.maps.to(device=device, dtype=dtype)
+            if base is None:  # a layer of another dtype: convert the staged buffer on the device, else stage now
+                staged = next((b for (latent, d, _), b in self._device_maps.items()
+                               if latent == self._latent and d == device), None)
+                if staged is not None:
+                    base = staged.to(dtype)
+                else:
+                    self.stage(device, dtype)
+                    base = self._device_maps[(self._latent, device, dtype)]
             found = self._cache[key] = maps_on_grid(base, grid)
         return found
 
@@ -244,10 +275,10 @@ class TokenRouter:
         """The text tokens' weights: [B, k] (every LoRA / no regional LoRA) or [B, tokens, k] (``TEXT_CONCEPT``)."""
         if self.text_policy != TEXT_CONCEPT:
             return text_weights(rows, self.plan.regional, self.text_policy)
-        b, chunks = rows.shape[0], self._chunks
-        per = b // len(chunks) if b % len(chunks) == 0 else b
-        positive = torch.tensor([chunks[min(n // per, len(chunks) - 1)] == 0 for n in range(b)])
-        return concept_text_weights(rows, tokens, self.plan.regional, self.concept_tokens, positive)
+        keep, positive = self._concept_tensors(tokens, rows.device)
+        if positive.shape[0] != rows.shape[0]:  # a layer that sees part of the call's batch: every LoRA
+            return rows
+        return concept_text_weights(rows, keep.to(rows.dtype), positive)
 
     def weights(self, path: str, x: torch.Tensor, out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Row weights [B, k] → this layer's weights: [B, k] (vector or text layers), [B, N, k] or [B, k, h, w]."""
