@@ -46,7 +46,6 @@ import objectives  # noqa: E402
 import world  # noqa: E402
 
 TEXT = {"all": "TEXT_ALL", "none": "TEXT_NONE", "words": "TEXT_CONCEPT"}
-BACKGROUNDS = ("slots", "rest", "everywhere", "attention")
 DEFAULT_VARIANTS = ("merge", "oracle:all:slots", "oracle:words:slots", "oracle:all:rest", "oracle:words:rest",
                     "oracle:all:everywhere", "oracle:words:everywhere", "auto:all:attention", "auto:words:attention",
                     "auto:all:everywhere", "auto:words:everywhere")
@@ -55,9 +54,10 @@ DEFAULT_VARIANTS = ("merge", "oracle:all:slots", "oracle:words:slots", "oracle:a
 def parse(variant: str) -> tuple[str, str, str]:
     if variant == "merge":
         return "merge", "", ""
-    source, text, background = variant.split(":")
-    if source not in ("oracle", "auto") or text not in TEXT or background not in BACKGROUNDS \
-            or (background == "attention") != (source == "auto" and background == "attention"):
+    parts = variant.split(":")
+    source, text, background = parts if len(parts) == 3 else ("", "", "")
+    allowed = {"oracle": ("slots", "rest", "everywhere"), "auto": ("attention", "everywhere")}.get(source, ())
+    if text not in TEXT or background not in allowed:
         raise SystemExit(f"bad variant {variant!r}: source:text:background, e.g. oracle:words:rest")
     return source, text, background
 
