@@ -14,24 +14,21 @@ import logging
 import os
 import sys
 import tempfile
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "testbed"))
 
-from bench_models import build_unet, conds, write_loras  # noqa: E402
+from bench_models import build_unet, write_loras  # noqa: E402
 from boot import boot_comfy  # noqa: E402
-from regional_bench import CONCEPTS, PROMPT, region_masks, sync, tokenizer_clip  # noqa: E402
+from regional_bench import CONCEPTS, PROMPT, region_masks, tokenizer_clip  # noqa: E402
+from step_times import timed_runs  # noqa: E402
 
 
 def main():
     logging.basicConfig(level=logging.WARNING)
     ml = boot_comfy()
-    import torch
-
     import comfy.patcher_extension
-    import comfy.sample
     import folder_paths
     patcher = build_unet("sdxl")
     folder = tempfile.mkdtemp()
@@ -49,26 +46,13 @@ def main():
                ("user masks, words", lambda: regional.regional_model(patcher, rows, masks, "check", text_tokens=words,
                                                                      concept_tokens=positions)),
                ("auto masks", lambda: automatic("every LoRA")), ("auto masks, words", lambda: automatic(words)))
-    positive, negative = conds("sdxl")
-    latent = torch.zeros(1, 4, 128, 128)
-    noise = comfy.sample.prepare_noise(latent, 42)
     for label, make in methods:
         model = make()
         wrapper = model.wrappers[comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL]["multilora.onthefly"][0]
         for run in range(2):
-            marks = []
-
-            def callback(step, x0, x, total):
-                sync()
-                marks.append(time.perf_counter())
-            sync()
-            start = time.perf_counter()
-            comfy.sample.sample(model, noise, 10, 7.0, "euler", "normal", positive, negative, latent,
-                                disable_pbar=True, seed=42, callback=callback)
-            times = [start] + marks
+            steps = timed_runs(model, 10, 1, 128)[0]
             print(f"{label}, run {run + 1}: captures {wrapper.captures}, replays {wrapper.replays}, refused "
-                  f"{len(wrapper.refused)}, step ms {[round(1000 * (b - a)) for a, b in zip(times, times[1:])]}",
-                  flush=True)
+                  f"{len(wrapper.refused)}, step ms {[round(ms) for ms in steps]}", flush=True)
 
 
 if __name__ == "__main__":
