@@ -161,9 +161,16 @@ def sample(ml: Callable, method: str, model, clip, rows, prompt: str, seed: int,
         patched = _regional(ml, method, model, clip, rows, prompt, categories)
     else:
         raise ValueError(f"testbed: unknown method '{method}'; use one of {METHODS + ('base',)}")
+    return sample_model(patched, clip, prompt, seed, latent, steps, arch)
+
+
+def sample_model(patched, clip, prompt: str, seed: int, latent: torch.Tensor, steps: int = STEPS,
+                 arch: str = "unet") -> torch.Tensor:
+    """``patched`` sampled with the protocol (euler, ``SCHEDULERS[arch]``, cfg ``CFG``, empty negative) from the
+    zero ``latent``'s noise of ``seed``."""
     noise = comfy.sample.prepare_noise(latent, seed)
-    return comfy.sample.sample(patched, noise, steps, CFG, "euler", scheduler, encode(clip, prompt), encode(clip, ""),
-                               latent, seed=seed, disable_pbar=True)
+    return comfy.sample.sample(patched, noise, steps, CFG, "euler", SCHEDULERS[arch], encode(clip, prompt),
+                               encode(clip, ""), latent, seed=seed, disable_pbar=True)
 
 
 def score(net, images: torch.Tensor, categories: Sequence[str], expected: dict) -> dict:

@@ -36,7 +36,6 @@ ml = boot_comfy()
 
 import torch  # noqa: E402
 
-import comfy.sample  # noqa: E402
 import folder_paths  # noqa: E402
 
 import comfy_model  # noqa: E402
@@ -97,10 +96,7 @@ def sample(variant: str, ctx: dict, rows, prompt: str, seed: int, categories) ->
         return eval_core.sample(ml, "merge", model, clip, rows, prompt, seed, arch=arch)
     patched = patched_model(variant, model, clip, rows, prompt, categories)
     latent = torch.zeros(eval_core.SEEDS, objectives.channels(arch), world.SIZE, world.SIZE)
-    noise = comfy.sample.prepare_noise(latent, seed)
-    return comfy.sample.sample(patched, noise, eval_core.STEPS, eval_core.CFG, "euler", eval_core.SCHEDULERS[arch],
-                               eval_core.encode(clip, prompt), eval_core.encode(clip, ""), latent, seed=seed,
-                               disable_pbar=True)
+    return eval_core.sample_model(patched, clip, prompt, seed, latent, arch=arch)
 
 
 def run(variant: str, k: int, ctx: dict, count: int) -> dict:

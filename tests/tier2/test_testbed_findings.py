@@ -30,11 +30,16 @@ def dit(ml, comfy_state):
     loras = os.path.join(objectives.folder("dit", WEIGHTS), "loras")
     if not os.path.isdir(loras):
         pytest.skip("the committed DiT testbed LoRAs are not in this checkout")
-    folder_paths.add_model_folder_path("loras", loras)
+    # first in the search path (other tests register random LoRAs of the same names), and taken out afterwards
+    paths = folder_paths.folder_names_and_paths["loras"][0]
+    before = list(paths)
+    folder_paths.add_model_folder_path("loras", loras, is_default=True)
     folder_paths.filename_list_cache.clear()
     model, clip = objectives.load("dit", WEIGHTS, torch.device("cpu"))
     net = detector.load_detector(os.path.join(WEIGHTS, "detector.safetensors"))
-    return {"ml": ml, "model": model, "clip": clip, "net": net, "arch": "dit"}
+    yield {"ml": ml, "model": model, "clip": clip, "net": net, "arch": "dit"}
+    paths[:] = before
+    folder_paths.filename_list_cache.clear()
 
 
 def test_each_dit_lora_alone_keeps_its_concept_where_the_base_does_not(dit):
